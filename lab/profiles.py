@@ -1,0 +1,141 @@
+"""Profiles: one code path, three scales.
+
+A hypothesis reads its sizes from the active profile and never branches on the
+profile's name. `smoke` runs in seconds (CI), `cpu` gives real results on a laptop
+CPU, `gpu` runs larger models with more seeds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class ModelScale:
+    """Size of a small from-scratch GPT."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+
+
+@dataclass(frozen=True)
+class PretrainingScale:
+    """Sizes for the pretraining hypotheses."""
+
+    # nanoGPT's "baby" shakespeare-char config (README: CPU run) at the cpu scale.
+    baby: ModelScale
+    batch_size: int
+    steps: int  # optimizer steps of the headline run
+    warmup_steps: int
+    eval_interval: int
+    eval_batches: int
+    lr: float
+    # shorter runs for sweeps and comparisons
+    sweep_steps: int
+    sweep_lrs: tuple[float, ...]
+    bpe_vocab_size: int
+    small_split_fraction: float = 0.1
+    throughput_steps: int = 50  # steps timed per round in the throughput comparison
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    seeds: tuple[int, ...]
+    device: str
+    pretraining: PretrainingScale
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds)
+
+
+_BABY = ModelScale(n_layer=4, n_head=4, n_embd=128, block_size=64)
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        seeds=(0,),
+        device="cpu",
+        description="Seconds per hypothesis; exercises every code path, proves nothing (one seed).",
+        pretraining=PretrainingScale(
+            baby=ModelScale(n_layer=1, n_head=2, n_embd=32, block_size=32),
+            batch_size=8,
+            steps=30,
+            warmup_steps=5,
+            eval_interval=15,
+            eval_batches=4,
+            lr=3e-3,
+            sweep_steps=20,
+            sweep_lrs=(1e-5, 1e-3, 1e-1),
+            bpe_vocab_size=300,
+            throughput_steps=10,
+        ),
+    ),
+    "cpu": Profile(
+        name="cpu",
+        seeds=(0, 1, 2),
+        device="cpu",
+        description="Real results on a 2-core CPU in minutes per hypothesis; three seeds.",
+        pretraining=PretrainingScale(
+            baby=_BABY,
+            batch_size=12,
+            steps=2000,
+            warmup_steps=100,
+            eval_interval=250,
+            eval_batches=50,
+            lr=1e-3,
+            sweep_steps=400,
+            sweep_lrs=(1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 1e-1),
+            bpe_vocab_size=512,
+            throughput_steps=100,
+        ),
+    ),
+    "gpu": Profile(
+        name="gpu",
+        seeds=(0, 1, 2, 3, 4),
+        device="cuda",
+        description="Larger models, longer runs, five seeds; needs CUDA.",
+        pretraining=PretrainingScale(
+            baby=ModelScale(n_layer=6, n_head=6, n_embd=384, block_size=256),
+            batch_size=64,
+            steps=5000,
+            warmup_steps=100,
+            eval_interval=250,
+            eval_batches=100,
+            lr=1e-3,
+            sweep_steps=1000,
+            sweep_lrs=(1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1e-1),
+            bpe_vocab_size=2048,
+            throughput_steps=100,
+        ),
+    ),
+}
+
+
+def default_profile_name() -> str:
+    """`$LAB_PROFILE` if set, else `gpu` when CUDA is available, else `cpu`."""
+    env = os.environ.get("LAB_PROFILE")
+    if env:
+        return env
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def get_profile(name: str | None = None, *, seeds: tuple[int, ...] | None = None) -> Profile:
+    """The profile called `name` (default: `default_profile_name()`), optionally with other seeds."""
+    name = name or default_profile_name()
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}")
+    profile = PROFILES[name]
+    if seeds is not None:
+        if not seeds or any((not isinstance(s, int)) or s < 0 for s in seeds):
+            raise ValueError(f"seeds must be a non-empty list of non-negative ints, got {seeds!r}")
+        profile = replace(profile, seeds=tuple(seeds))
+    return profile

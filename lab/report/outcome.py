@@ -1,0 +1,99 @@
+"""What a hypothesis measured: numbers (per seed or exact), plots, tables, notes."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+
+@dataclass
+class Artifact:
+    name: str
+    kind: str  # "png" | "table" | "json"
+    data: bytes
+    caption: str = ""
+
+
+def _finite(metric: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"outcome {metric!r} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"outcome {metric!r} is {v} (not finite): a measurement went wrong")
+    return v
+
+
+@dataclass
+class Outcome:
+    """Collects what one hypothesis measured. Handed to tests as the `outcome` fixture."""
+
+    measurements: dict[str, dict[int | None, float]] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
+    artifacts: list[Artifact] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def record(self, metric: str, value: float, *, seed: int | None = None, unit: str = "") -> float:
+        """Record `metric`: once per seed (`seed=s`) where randomness matters, or once
+        without a seed for an exact, deterministic number. NaN/inf fail the test."""
+        if not isinstance(metric, str) or not metric:
+            raise ValueError(f"metric name must be a non-empty string, got {metric!r}")
+        v = _finite(metric, value)
+        samples = self.measurements.setdefault(metric, {})
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if (seed is None and samples) or (seed is not None and None in samples):
+            raise ValueError(
+                f"metric {metric!r} mixes per-seed and exact values; record it one way only"
+            )
+        if seed in samples:
+            raise ValueError(f"metric {metric!r} already recorded for seed {seed}")
+        samples[seed] = v
+        if unit:
+            self.units[metric] = unit
+        return v
+
+    def record_seeds(self, metric: str, values: Mapping[int, float], *, unit: str = "") -> None:
+        """Record one value per seed from a {seed: value} mapping."""
+        for seed, value in values.items():
+            self.record(metric, value, seed=seed, unit=unit)
+
+    def note(self, text: str) -> None:
+        """A sentence for the page: an observation the numbers alone don't tell."""
+        self.notes.append(str(text))
+
+    def table(self, name: str, rows: Sequence[Mapping[str, object]], caption: str = "") -> None:
+        """A small table shown on the hypothesis page (list of dicts, same keys)."""
+        rows = [dict(r) for r in rows]
+        self.artifacts.append(Artifact(name, "table", json.dumps(rows, default=str).encode(), caption))
+
+    def plot(self, name: str, fig, caption: str = "") -> None:
+        """Attach a matplotlib figure (saved as PNG, then closed)."""
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        plt.close(fig)
+        self.artifacts.append(Artifact(name, "png", buf.getvalue(), caption))
+
+    def plot_lines(
+        self,
+        name: str,
+        lines: Mapping[str, tuple[Iterable[float], Iterable[float]]],
+        *,
+        xlabel: str,
+        ylabel: str,
+        title: str = "",
+        logx: bool = False,
+        logy: bool = False,
+        hlines: Mapping[str, float] | None = None,
+        caption: str = "",
+    ) -> None:
+        """Overlaid line plot: {label: (xs, ys)}, with optional labelled horizontal references."""
+        from lab.report.plots import line_figure
+
+        fig = line_figure(lines, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx, logy=logy, hlines=hlines)
+        self.plot(name, fig, caption)

@@ -1,0 +1,147 @@
+"""The `Lab`: one object that hands hypotheses (or a notebook) corpora, tokenizers and
+trained models at the active profile's scale, caching training runs on disk.
+
+    from lab.session import Lab
+    lab = Lab("cpu")
+    data = lab.data("tinyshakespeare", "char")
+    run = lab.pretrain(data, lab.model_config(data, lab.profile.pretraining.baby), seed=0)
+    run.final_val_loss
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import lab as lab_package
+from lab.data import TokenData, load_corpus, prepare
+from lab.models import GPTConfig
+from lab.paths import cache_dir
+from lab.profiles import ModelScale, Profile, get_profile
+from lab.tokenizers import get_tokenizer
+from lab.train import TrainConfig, TrainingDivergedError, TrainResult, train
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the model and trainer source: a cached run is reused only by the same code."""
+    root = Path(lab_package.__file__).parent
+    h = hashlib.sha256()
+    for sub in ("models", "train", "data", "tokenizers"):
+        for f in sorted((root / sub).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Lab:
+    def __init__(self, profile: Profile | str | None = None, *, progress: bool = True):
+        self.profile = profile if isinstance(profile, Profile) else get_profile(profile)
+        self.progress = progress
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return self.profile.seeds
+
+    @property
+    def device(self) -> str:
+        return self.profile.device
+
+    # -- data -----------------------------------------------------------------------
+
+    def corpus(self, name: str) -> str:
+        return load_corpus(name)
+
+    def tokenizer(self, name: str, corpus: str = "tinyshakespeare", *, vocab_size: int | None = None):
+        """A tokenizer; char and bpe are built from the training split of `corpus`
+        (never from validation text)."""
+        if name == "char":
+            # like nanoGPT, the alphabet covers the whole corpus: val never meets an unknown char
+            return get_tokenizer("char", text=load_corpus(corpus))
+        if name == "bpe":
+            from lab.data import split_text
+
+            train_text, _ = split_text(load_corpus(corpus))
+            size = vocab_size or self.profile.pretraining.bpe_vocab_size
+            return get_tokenizer("bpe", text=train_text, vocab_size=size)
+        return get_tokenizer(name)
+
+    def data(
+        self, corpus: str = "tinyshakespeare", tokenizer="char", *, train_fraction: float = 1.0
+    ) -> TokenData:
+        tok = self.tokenizer(tokenizer, corpus) if isinstance(tokenizer, str) else tokenizer
+        return prepare(corpus, tok, train_fraction=train_fraction)
+
+    # -- models ---------------------------------------------------------------------
+
+    def model_config(self, data: TokenData, scale: ModelScale | None = None, **overrides) -> GPTConfig:
+        scale = scale or self.profile.pretraining.baby
+        return GPTConfig(
+            vocab_size=data.tokenizer.vocab_size,
+            block_size=scale.block_size,
+            n_layer=scale.n_layer,
+            n_head=scale.n_head,
+            n_embd=scale.n_embd,
+            **overrides,
+        )
+
+    def train_config(self, *, seed: int, **overrides) -> TrainConfig:
+        p = self.profile.pretraining
+        base = TrainConfig(
+            max_steps=p.steps,
+            batch_size=p.batch_size,
+            lr=p.lr,
+            warmup_steps=p.warmup_steps,
+            eval_interval=p.eval_interval,
+            eval_batches=p.eval_batches,
+            seed=seed,
+            device=self.device,
+        )
+        cfg = replace(base, **overrides)
+        if "max_steps" in overrides and "warmup_steps" not in overrides:
+            cfg = replace(cfg, warmup_steps=min(cfg.warmup_steps, cfg.max_steps // 10))
+        if "max_steps" in overrides and "eval_interval" not in overrides:
+            cfg = replace(cfg, eval_interval=max(1, min(cfg.eval_interval, cfg.max_steps // 4)))
+        return cfg
+
+    def pretrain(
+        self, data: TokenData, model_config: GPTConfig, *, seed: int, **train_overrides
+    ) -> TrainResult:
+        """Train (or load the cached run of) `model_config` on `data` with this seed.
+
+        Runs are cached under $LAB_CACHE/runs/<key>, the key hashing the model and train
+        configs, the data identity and the source of the lab's model/trainer/data code,
+        so a change to any of them trains afresh. A run that diverges raises
+        TrainingDivergedError (also on a cache hit: the divergence is cached)."""
+        tc = self.train_config(seed=seed, **train_overrides)
+        key = hashlib.sha256(
+            json.dumps(
+                {"model": model_config.to_dict(), "train": tc.to_dict(), "data": data.identity, "code": code_version()},
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:20]
+        run_dir = cache_dir("runs", key)
+        diverged = run_dir / "diverged.json"
+        if diverged.exists():
+            info = json.loads(diverged.read_text())
+            raise TrainingDivergedError(info["message"], step=info["step"], history=info["history"], evals=info["evals"])
+        if (run_dir / "done").exists():
+            return TrainResult.load(run_dir / "last")
+        try:
+            result = train(model_config, tc, data, out_dir=run_dir, resume=(run_dir / "last").exists(), progress=self.progress)
+        except TrainingDivergedError as exc:
+            tmp = diverged.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"message": str(exc), "step": exc.step, "history": exc.history, "evals": exc.evals}))
+            tmp.replace(diverged)
+            raise
+        (run_dir / "done").write_text(json.dumps(result.to_dict(), default=str))
+        return result
+
+
+def uniform_loss(vocab_size: int) -> float:
+    """Cross-entropy of a model that learned nothing: ln V nats per token."""
+    return math.log(vocab_size)

@@ -1,0 +1,285 @@
+"""Unit and property tests of lab.models: the GPT and token sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lab.models import GPT, GPTConfig, filter_top_k, filter_top_p, sample_next
+
+TINY = dict(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**TINY)).eval()
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_round_trips_through_dict():
+    config = GPTConfig(**TINY, dropout=0.1, bias=False, tie_weights=False)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+
+
+def test_config_rejects_n_embd_not_divisible_by_n_head():
+    with pytest.raises(ValueError, match=r"n_embd \(30\).*n_head \(4\)"):
+        GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_embd=30)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("vocab_size", 0),
+        ("block_size", -1),
+        ("n_layer", 1.5),
+        ("n_head", True),
+        ("dropout", 1.0),
+        ("dropout", -0.1),
+    ],
+)
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**{**TINY, field: value})
+
+
+def test_config_from_dict_rejects_unknown_key():
+    with pytest.raises(ValueError, match="n_layers"):
+        GPTConfig.from_dict({**TINY, "n_layers": 3})
+
+
+def test_config_from_dict_names_missing_key():
+    d = dict(TINY)
+    del d["n_head"]
+    with pytest.raises(ValueError, match="n_head"):
+        GPTConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------- forward
+
+
+def test_forward_shapes_and_initial_loss_near_uniform(model):
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, TINY["vocab_size"], (8, 16), generator=g)
+    # targets independent of idx: with tied weights, predicting the input token itself
+    # is favoured at init, so targets == idx would read below ln(V)
+    targets = torch.randint(0, TINY["vocab_size"], (8, 16), generator=g)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (8, 16, TINY["vocab_size"])
+    assert math.isfinite(loss.item())
+    # small init -> nearly uniform predictions -> loss close to ln(V)
+    assert abs(loss.item() - math.log(TINY["vocab_size"])) < 0.1
+
+
+def test_forward_without_targets_returns_no_loss(model):
+    logits, loss = model(torch.zeros(2, 5, dtype=torch.long))
+    assert logits.shape == (2, 5, TINY["vocab_size"]) and loss is None
+
+
+def test_forward_rejects_sequence_longer_than_block_size(model):
+    with pytest.raises(ValueError, match=r"T=17.*block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "idx",
+    [torch.zeros(1, 4, dtype=torch.int32), torch.zeros(4, dtype=torch.long), torch.zeros(1, 4)],
+)
+def test_forward_rejects_non_int64_2d_input(model, idx):
+    with pytest.raises(ValueError, match="2-D int64"):
+        model(idx)
+
+
+def test_forward_rejects_token_ids_outside_vocab(model):
+    with pytest.raises(ValueError, match="outside"):
+        model(torch.full((1, 4), TINY["vocab_size"], dtype=torch.long))
+
+
+def test_causal_later_tokens_do_not_change_earlier_logits(model):
+    idx = torch.randint(0, TINY["vocab_size"], (1, 10))
+    changed = idx.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % TINY["vocab_size"]
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_weights_are_tied_and_init_is_gpt2_style():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**{**TINY, "n_layer": 8, "n_embd": 64, "n_head": 4}))
+    assert m.lm_head.weight is m.wte.weight
+    assert m.wte.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert m.blocks[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert m.blocks[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
+    untied = GPT(GPTConfig(**TINY, tie_weights=False))
+    assert untied.lm_head.weight is not untied.wte.weight
+
+
+def test_num_params_counts_shared_weights_once():
+    m = GPT(GPTConfig(**TINY))
+    total = sum(p.numel() for p in m.parameters())
+    assert m.num_params(non_embedding=False) == total
+    assert m.num_params() == total - m.wpe.weight.numel()
+
+
+# ---------------------------------------------------------------- generate
+
+
+def test_generate_length_and_vocab(model):
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 5))
+    # runs past block_size, so the context crop is exercised
+    out = model.generate(prompt, 20, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 25) and out.dtype == torch.long
+    assert torch.equal(out[:, :5], prompt)
+    assert int(out.min()) >= 0 and int(out.max()) < TINY["vocab_size"]
+
+
+def test_generate_is_reproducible_with_a_generator(model):
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    a = model.generate(prompt, 10, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_generate_greedy_matches_argmax_of_forward(model):
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 4))
+    out = model.generate(prompt, 1, temperature=0)
+    logits, _ = model(prompt)
+    assert torch.equal(out[:, -1], logits[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(max_new_tokens=1, temperature=-1.0), "temperature"),
+        (dict(max_new_tokens=1, top_k=0), "top_k"),
+        (dict(max_new_tokens=1, top_p=0.0), "top_p"),
+        (dict(max_new_tokens=0, top_p=1.5), "top_p"),
+    ],
+)
+def test_generate_validates_arguments(model, kwargs, match):
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    n = kwargs.pop("max_new_tokens")
+    with pytest.raises(ValueError, match=match):
+        model.generate(prompt, n, **kwargs)
+
+
+# ---------------------------------------------------------------- sampling properties
+
+logit_rows = st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=1, max_size=24)
+N_DRAWS = 64
+
+
+def _draws(row: list[float], seed: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.tensor(row, dtype=torch.float32)
+    batch = logits.expand(N_DRAWS, -1).contiguous()
+    return logits, sample_next(batch, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(row=logit_rows, k=st.integers(1, 30), seed=st.integers(0, 2**31))
+def test_top_k_never_samples_outside_the_k_most_likely(row, k, seed):
+    logits, tokens = _draws(row, seed, top_k=k)
+    kth = torch.sort(logits, descending=True).values[min(k, len(row)) - 1]
+    # a token is among the k most likely iff its logit reaches the k-th largest (ties included)
+    assert bool((logits[tokens] >= kth).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(row=logit_rows, p=st.floats(0.01, 1.0), seed=st.integers(0, 2**31))
+def test_top_p_samples_only_from_the_smallest_set_reaching_p(row, p, seed):
+    logits, tokens = _draws(row, seed, top_p=p)
+    probs = torch.softmax(logits.double(), dim=-1)
+    sorted_probs = torch.sort(probs, descending=True).values
+    cum = torch.cumsum(sorted_probs, dim=0)
+    # size of the smallest prefix reaching p, with slack for float32 rounding in the sampler
+    n = min(int((cum < p + 1e-5).sum()) + 1, len(row))
+    threshold = sorted_probs[n - 1]  # ties with the last member are equally in the set
+    assert bool((probs[tokens] >= threshold - 1e-12).all())
+
+
+@settings(max_examples=100, deadline=None)
+@given(row=logit_rows, k=st.integers(1, 30))
+def test_filter_top_k_keeps_exactly_the_k_largest(row, k):
+    logits = torch.tensor([row], dtype=torch.float32)
+    kth = torch.sort(logits[0], descending=True).values[min(k, len(row)) - 1]
+    kept = torch.isfinite(filter_top_k(logits, k))[0]
+    assert torch.equal(kept, logits[0] >= kth)
+
+
+@settings(max_examples=100, deadline=None)
+@given(row=logit_rows, p=st.floats(0.01, 1.0))
+def test_filter_top_p_keeps_a_minimal_set_reaching_p(row, p):
+    logits = torch.tensor([row], dtype=torch.float32)
+    probs = torch.softmax(logits[0].double(), dim=-1)
+    kept = torch.isfinite(filter_top_p(logits, p))[0]
+    mass = probs[kept].sum().item()
+    assert mass >= p - 1e-5  # reaches p
+    assert mass - probs[kept].min().item() < p + 1e-5  # minimal: without its least likely token it would not
+    if (~kept).any():
+        assert probs[kept].min() >= probs[~kept].max()  # the most likely tokens go in first
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(logit_rows.filter(lambda r: len(r) == 8), min_size=1, max_size=4))
+def test_temperature_zero_is_argmax(rows):
+    logits = torch.tensor(rows, dtype=torch.float32)
+    greedy = sample_next(logits, temperature=0, top_k=3, top_p=0.5)
+    assert torch.equal(greedy, logits.argmax(-1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(row=logit_rows, p=st.floats(1e-6, 1.0), k=st.integers(1, 30))
+def test_filters_always_keep_the_most_likely_token(row, p, k):
+    logits = torch.tensor([row], dtype=torch.float32)
+    best = logits.argmax(-1)
+    for filtered in (filter_top_p(logits, p), filter_top_k(logits, k)):
+        assert torch.isfinite(filtered[0, best]).all()
+        assert torch.isfinite(filtered).sum() >= 1
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_top_p(logits, 0.6))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 1.0)).all()
+
+
+def test_plain_sampling_follows_softmax():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log().expand(20_000, -1).contiguous()
+    tokens = sample_next(logits, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=3).float() / len(tokens)
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=2.0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.01), "top_p"),
+    ],
+)
+def test_sample_next_validates_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_next(torch.zeros(1, 4), **kwargs)
+
+
+def test_sample_next_rejects_bad_logits():
+    with pytest.raises(ValueError, match="2-D float"):
+        sample_next(torch.zeros(4))
+    with pytest.raises(ValueError, match="2-D float"):
+        sample_next(torch.zeros(1, 4, dtype=torch.long))

@@ -1,0 +1,73 @@
+"""The project's promises about itself: README commands, CI, markers, the CLI."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    setup = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", setup, flags=re.S)
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    main, test = commands
+    assert "install.sh" in main and "lab run" in main
+    assert "install.sh" in test and "pytest" in test
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test in ci, "the CI script must call the README's test command verbatim"
+    assert '"$rc" -eq 5' in ci
+
+
+def test_install_pins_torch_before_everything_else():
+    script = (ROOT / "install.sh").read_text()
+    assert script.index("torch==2.13.0") < script.index("-e '.[dev]'")
+
+
+def _collect(*args) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "--lab-profile", "smoke", *args],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    return [line for line in out.splitlines() if "::" in line]
+
+
+def test_marker_pretraining_selects_exactly_the_pretraining_hypotheses():
+    selected = _collect("-m", "pretraining")
+    assert selected, "no pretraining hypotheses collected"
+    everything_in_dir = _collect("hypotheses/pretraining")
+    assert sorted(selected) == sorted(everything_in_dir)
+    assert all(s.startswith("hypotheses/pretraining/") for s in selected)
+
+
+def test_every_hypothesis_has_a_track_marker_and_a_docstring():
+    tracks = {"track_a", "track_b", "track_c", "track_d", "pretraining", "curriculum"}
+    import ast
+
+    for path in (ROOT / "hypotheses").rglob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        src = path.read_text()
+        assert any(f"pytest.mark.{t}" in src for t in tracks), f"{path} has no track marker"
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                assert ast.get_docstring(node), f"{path}::{node.name} has no docstring (its method)"
+
+
+def test_cli_lists_hypotheses_with_predictions():
+    out = subprocess.run(
+        [sys.executable, "-m", "lab", "list", "-m", "pretraining"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "test_baby_gpt_matches_nanogpt_readme" in out.stdout
+    assert "predicts: nanoGPT's baby config reaches val loss <= 1.88" in out.stdout
+
+
+def test_cli_rejects_bad_input_clearly():
+    out = subprocess.run([sys.executable, "-m", "lab", "site", "publish"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "invalid choice: 'publish'" in out.stderr
