@@ -42,11 +42,31 @@ class PretrainingScale:
 
 
 @dataclass(frozen=True)
+class InferenceScale:
+    """Sizes for the inference hypotheses (sampling, KV cache, GQA, sliding window)."""
+
+    # Llama-style model (RoPE, RMSNorm, SwiGLU) whose K/V heads vary; trained for quality
+    # comparisons, random-init for speed (speed does not depend on the weights).
+    llama: ModelScale
+    kv_heads: tuple[int, ...]  # MHA, GQA, MQA: (n_head, groups, 1)
+    train_steps: int
+    uptrain_steps: int  # MHA -> GQA conversion, then this much more training
+    window: int  # sliding-window size
+    decode_lengths: tuple[int, ...]  # new tokens decoded in the KV-cache benchmarks
+    prompt_len: int
+    timing_rounds: int  # repeats of each timed decode (samples for intervals)
+    n_prompts: int  # prompts for the sampling hypotheses
+    sample_len: int
+    temperatures: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
     device: str
     pretraining: PretrainingScale
+    inference: InferenceScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -76,6 +96,19 @@ PROFILES: dict[str, Profile] = {
             bpe_vocab_size=300,
             throughput_steps=10,
         ),
+        inference=InferenceScale(
+            llama=ModelScale(n_layer=1, n_head=4, n_embd=32, block_size=32),
+            kv_heads=(4, 2, 1),
+            train_steps=20,
+            uptrain_steps=5,
+            window=8,
+            decode_lengths=(8, 24),
+            prompt_len=4,
+            timing_rounds=1,
+            n_prompts=2,
+            sample_len=40,
+            temperatures=(0.5, 1.0, 1.5),
+        ),
     ),
     "cpu": Profile(
         name="cpu",
@@ -95,6 +128,19 @@ PROFILES: dict[str, Profile] = {
             bpe_vocab_size=512,
             throughput_steps=100,
         ),
+        inference=InferenceScale(
+            llama=ModelScale(n_layer=4, n_head=8, n_embd=128, block_size=64),
+            kv_heads=(8, 2, 1),
+            train_steps=1000,
+            uptrain_steps=100,
+            window=16,
+            decode_lengths=(100, 500, 1000, 2000),
+            prompt_len=16,
+            timing_rounds=3,
+            n_prompts=8,
+            sample_len=200,
+            temperatures=(0.5, 0.8, 1.0, 1.2, 1.5),
+        ),
     ),
     "gpu": Profile(
         name="gpu",
@@ -113,6 +159,19 @@ PROFILES: dict[str, Profile] = {
             sweep_lrs=(1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1e-1),
             bpe_vocab_size=2048,
             throughput_steps=100,
+        ),
+        inference=InferenceScale(
+            llama=ModelScale(n_layer=6, n_head=8, n_embd=256, block_size=256),
+            kv_heads=(8, 2, 1),
+            train_steps=3000,
+            uptrain_steps=300,
+            window=64,
+            decode_lengths=(100, 500, 1000, 2000, 4000),
+            prompt_len=16,
+            timing_rounds=5,
+            n_prompts=32,
+            sample_len=200,
+            temperatures=(0.5, 0.8, 1.0, 1.2, 1.5),
         ),
     ),
 }

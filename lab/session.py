@@ -80,14 +80,14 @@ class Lab:
 
     def model_config(self, data: TokenData, scale: ModelScale | None = None, **overrides) -> GPTConfig:
         scale = scale or self.profile.pretraining.baby
-        return GPTConfig(
-            vocab_size=data.tokenizer.vocab_size,
-            block_size=scale.block_size,
-            n_layer=scale.n_layer,
-            n_head=scale.n_head,
-            n_embd=scale.n_embd,
-            **overrides,
-        )
+        sizes = dict(block_size=scale.block_size, n_layer=scale.n_layer, n_head=scale.n_head, n_embd=scale.n_embd)
+        return GPTConfig(vocab_size=data.tokenizer.vocab_size, **{**sizes, **overrides})
+
+    def llama_config(self, data: TokenData, scale: ModelScale | None = None, **overrides) -> GPTConfig:
+        """A Llama-style model (RoPE, RMSNorm, SwiGLU, no biases): exports to Hugging Face's
+        LlamaForCausalLM exactly, and takes n_kv_head (GQA/MQA) and sliding_window."""
+        llama = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+        return self.model_config(data, scale or self.profile.inference.llama, **{**llama, **overrides})
 
     def train_config(self, *, seed: int, **overrides) -> TrainConfig:
         p = self.profile.pretraining
@@ -109,21 +109,20 @@ class Lab:
         return cfg
 
     def pretrain(
-        self, data: TokenData, model_config: GPTConfig, *, seed: int, **train_overrides
+        self, data: TokenData, model_config: GPTConfig, *, seed: int, init_from=None, **train_overrides
     ) -> TrainResult:
         """Train (or load the cached run of) `model_config` on `data` with this seed.
 
         Runs are cached under $LAB_CACHE/runs/<key>, the key hashing the model and train
         configs, the data identity and the source of the lab's model/trainer/data code,
-        so a change to any of them trains afresh. A run that diverges raises
+        so a change to any of them trains afresh. `init_from` continues from a model's
+        weights (their hash joins the key). A run that diverges raises
         TrainingDivergedError (also on a cache hit: the divergence is cached)."""
         tc = self.train_config(seed=seed, **train_overrides)
-        key = hashlib.sha256(
-            json.dumps(
-                {"model": model_config.to_dict(), "train": tc.to_dict(), "data": data.identity, "code": code_version()},
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()[:20]
+        spec = {"model": model_config.to_dict(), "train": tc.to_dict(), "data": data.identity, "code": code_version()}
+        if init_from is not None:
+            spec["init"] = weights_hash(init_from)
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
         run_dir = cache_dir("runs", key)
         diverged = run_dir / "diverged.json"
         if diverged.exists():
@@ -132,7 +131,10 @@ class Lab:
         if (run_dir / "done").exists():
             return TrainResult.load(run_dir / "last")
         try:
-            result = train(model_config, tc, data, out_dir=run_dir, resume=(run_dir / "last").exists(), progress=self.progress)
+            result = train(
+                model_config, tc, data, out_dir=run_dir, resume=(run_dir / "last").exists(),
+                progress=self.progress, init_from=init_from,
+            )
         except TrainingDivergedError as exc:
             tmp = diverged.with_suffix(".tmp")
             tmp.write_text(json.dumps({"message": str(exc), "step": exc.step, "history": exc.history, "evals": exc.evals}))
@@ -140,6 +142,14 @@ class Lab:
             raise
         (run_dir / "done").write_text(json.dumps(result.to_dict(), default=str))
         return result
+
+
+def weights_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def uniform_loss(vocab_size: int) -> float:

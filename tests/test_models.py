@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -61,6 +62,80 @@ def test_config_from_dict_names_missing_key():
         GPTConfig.from_dict(d)
 
 
+def test_config_with_components_round_trips_and_old_dicts_still_load():
+    config = GPTConfig(
+        **TINY, n_kv_head=1, pos="rope", rope_theta=500.0, norm="rmsnorm", norm_eps=1e-6,
+        mlp="swiglu", mlp_hidden=40, sliding_window=8,
+    )
+    assert GPTConfig.from_dict(config.to_dict()) == config
+    # a dict saved before the component fields existed means today's defaults
+    old = GPTConfig.from_dict({**TINY, "dropout": 0.0, "bias": True, "tie_weights": True})
+    assert old == GPTConfig(**TINY)
+    components = (old.n_kv_head, old.pos, old.norm, old.mlp, old.sliding_window)
+    assert components == (None, "learned", "layernorm", "gelu", None)
+
+
+def test_config_rejects_n_head_not_divisible_by_n_kv_head():
+    with pytest.raises(ValueError, match=r"n_head \(4\).*n_kv_head \(3\)"):
+        GPTConfig(**{**TINY, "n_head": 4}, n_kv_head=3)
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("pos", "alibi", "'learned', 'rope', 'none'"),
+        ("norm", "batchnorm", "'layernorm', 'rmsnorm'"),
+        ("mlp", "relu", "'gelu', 'swiglu'"),
+    ],
+)
+def test_config_rejects_unknown_components_listing_the_allowed(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"{field} must be one of \({allowed}\), got '{value}'"):
+        GPTConfig(**TINY, **{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("n_kv_head", 0),
+        ("mlp_hidden", 2.5),
+        ("sliding_window", -1),
+        ("rope_theta", 0.0),
+        ("norm_eps", float("nan")),
+    ],
+)
+def test_config_rejects_bad_component_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**TINY, pos="rope", **{field: value})
+
+
+def test_config_rejects_sliding_window_with_learned_positions():
+    with pytest.raises(ValueError, match=r"sliding_window=4 needs pos 'rope' or 'none'.*'learned'"):
+        GPTConfig(**TINY, sliding_window=4)
+    GPTConfig(**TINY, sliding_window=4, pos="rope")
+    GPTConfig(**TINY, sliding_window=4, pos="none")
+
+
+def test_config_rejects_rope_with_odd_head_size():
+    with pytest.raises(ValueError, match="even head size.*got 5"):
+        GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=10, pos="rope")
+
+
+def test_mlp_hidden_defaults():
+    assert GPTConfig(**TINY).mlp_hidden_dim == 4 * 32
+    # 8/3 * 32 = 85.3 -> 88, the next multiple of 8
+    assert GPTConfig(**TINY, mlp="swiglu").mlp_hidden_dim == 88
+    assert GPTConfig(**{**TINY, "n_embd": 768, "n_head": 12}, mlp="swiglu").mlp_hidden_dim == 2048
+    assert GPTConfig(**TINY, mlp="swiglu", mlp_hidden=50).mlp_hidden_dim == 50
+
+
+def test_describe():
+    four = {**TINY, "n_head": 4}
+    assert GPTConfig(**four).describe() == "pre-LN GPT-2 (learned pos, LayerNorm, GELU, MHA 4/4)"
+    llama = GPTConfig(**four, n_kv_head=2, pos="rope", norm="rmsnorm", mlp="swiglu", sliding_window=8)
+    assert GPT(llama).arch == "pre-LN GPT (rope pos, RMSNorm, SwiGLU, GQA 4/2, window 8)"
+    assert "MQA 4/1" in GPTConfig(**{**TINY, "n_head": 4}, n_kv_head=1).describe()
+
+
 # ---------------------------------------------------------------- forward
 
 
@@ -111,6 +186,40 @@ def test_causal_later_tokens_do_not_change_earlier_logits(model):
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
+components = st.fixed_dictionaries(
+    {
+        "n_head": st.sampled_from([1, 2, 4]),
+        "kv_div": st.sampled_from([1, 2, 4]),
+        "pos": st.sampled_from(["learned", "rope", "none"]),
+        "norm": st.sampled_from(["layernorm", "rmsnorm"]),
+        "mlp": st.sampled_from(["gelu", "swiglu"]),
+        "window": st.sampled_from([None, 1, 3]),
+        "bias": st.booleans(),
+    }
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(c=components, cut=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_causal_for_every_component_combination(c, cut, seed):
+    n_kv = max(1, c["n_head"] // c["kv_div"])
+    window = c["window"] if c["pos"] != "learned" else None
+    config = GPTConfig(
+        vocab_size=11, block_size=10, n_layer=2, n_head=c["n_head"], n_embd=16, n_kv_head=n_kv,
+        pos=c["pos"], norm=c["norm"], mlp=c["mlp"], sliding_window=window, bias=c["bias"],
+    )
+    torch.manual_seed(seed)
+    m = GPT(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 11, (2, 10), generator=g)
+    changed = idx.clone()
+    changed[:, cut:] = torch.randint(0, 11, (2, 10 - cut), generator=g)
+    with torch.no_grad():
+        a, _ = m(idx)
+        b, _ = m(changed)
+    torch.testing.assert_close(a[:, :cut], b[:, :cut])
+
+
 def test_weights_are_tied_and_init_is_gpt2_style():
     torch.manual_seed(0)
     m = GPT(GPTConfig(**{**TINY, "n_layer": 8, "n_embd": 64, "n_head": 4}))
@@ -129,16 +238,96 @@ def test_num_params_counts_shared_weights_once():
     assert m.num_params() == total - m.wpe.weight.numel()
 
 
+def _weights_digest(model: GPT) -> str:
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    "extra, digest",
+    # digests of the GPT-2 model as it was before the swappable components existed
+    [(dict(), "cc2378d7789fdcbe"), (dict(bias=False, tie_weights=False), "6fe1098edd0f5f65")],
+)
+def test_default_model_is_unchanged(extra, digest):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**TINY, **extra))
+    assert _weights_digest(m) == digest
+    names = [n for n, _ in m.named_parameters()]
+    assert names[:2] == ["wte.weight", "wpe.weight"]
+    assert m.blocks[0].attn.c_attn.weight.shape == (3 * 32, 32)
+    assert m.blocks[0].mlp.c_fc.weight.shape == (4 * 32, 32)
+    assert isinstance(m.ln_f, torch.nn.LayerNorm)
+
+
+def test_attention_kinds_shrink_only_the_kv_projection():
+    config = {**TINY, "n_head": 4}
+    counts = {kv: GPT(GPTConfig(**config, n_kv_head=kv)).num_params() for kv in (4, 2, 1)}
+    # c_attn: q keeps n_embd outputs, k and v each have n_kv_head * head_dim (weight + bias)
+    hd, C, L = 8, 32, TINY["n_layer"]
+    for kv in (2, 1):
+        assert counts[4] - counts[kv] == L * 2 * (4 - kv) * hd * (C + 1)
+    m = GPT(GPTConfig(**config, n_kv_head=2))
+    assert m.blocks[0].attn.c_attn.weight.shape == ((4 + 2 + 2) * hd, C)
+
+
+def test_llama_style_components():
+    m = GPT(GPTConfig(**TINY, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False))
+    assert m.wpe is None and not any("wpe" in n for n, _ in m.named_parameters())
+    assert isinstance(m.blocks[0].ln_1, torch.nn.RMSNorm) and isinstance(m.ln_f, torch.nn.RMSNorm)
+    assert m.blocks[0].mlp.c_fc.weight.shape == (2 * 88, 32)
+    assert m.blocks[0].mlp.c_proj.weight.shape == (32, 88)
+    # SwiGLU's default width keeps the MLP about as big as GELU's
+    gelu = GPT(GPTConfig(**TINY, bias=False)).blocks[0].mlp
+    ratio = sum(p.numel() for p in m.blocks[0].mlp.parameters()) / sum(p.numel() for p in gelu.parameters())
+    assert 1.0 <= ratio < 1.05
+    total = sum(p.numel() for p in m.parameters())
+    assert m.num_params() == total
+
+
+def test_rope_rotates_by_relative_position():
+    # attention scores between rotated q and k depend only on the position offset
+    from lab.models.gpt import apply_rope, rope_tables
+
+    cos, sin = rope_tables(20, 8, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+    score = lambda i, j: (apply_rope(q, cos[i], sin[i]) @ apply_rope(k, cos[j], sin[j])).item()
+    assert score(5, 2) == pytest.approx(score(15, 12), abs=1e-5)
+    assert score(0, 0) == pytest.approx((q @ k).item(), abs=1e-6)
+
+
+def test_sliding_window_hides_keys_outside_the_window():
+    # one layer: a position's logits depend on exactly the last `window` tokens
+    m = GPT(GPTConfig(**{**TINY, "n_layer": 1}, pos="rope", sliding_window=4)).eval()
+    idx = torch.randint(0, 17, (1, 16))
+    changed = idx.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % 17
+    a, _ = m(idx)
+    b, _ = m(changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:9], b[:, 5:9])  # positions 5..8 see position 5
+    torch.testing.assert_close(a[:, 9:], b[:, 9:])  # later ones no longer do
+
+
 # ---------------------------------------------------------------- generate
 
 
 def test_generate_length_and_vocab(model):
     prompt = torch.randint(0, TINY["vocab_size"], (2, 5))
     # runs past block_size, so the context crop is exercised
-    out = model.generate(prompt, 20, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    out = model.generate(prompt, 20, top_k=5, top_p=0.9, generator=g, crop=True)
     assert out.shape == (2, 25) and out.dtype == torch.long
     assert torch.equal(out[:, :5], prompt)
     assert int(out.min()) >= 0 and int(out.max()) < TINY["vocab_size"]
+
+
+def test_generate_past_block_size_without_crop_is_an_error(model):
+    with pytest.raises(ValueError, match=r"block_size=16.*crop=True"):
+        model.generate(torch.zeros(2, 5, dtype=torch.long), 20)
 
 
 def test_generate_is_reproducible_with_a_generator(model):

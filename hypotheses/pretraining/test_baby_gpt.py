@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lab.report import at_most, prediction
+from lab.yardsticks import nanogpt_dir, nanogpt_val_losses, run_nanogpt_baby
 
 pytestmark = pytest.mark.pretraining
 
@@ -47,5 +48,34 @@ def test_baby_gpt_matches_nanogpt_readme(lab, char_data, baby_runs, outcome):
     run = baby_runs[seeds[0]]
     prompt = torch.tensor([char_data.tokenizer.encode("ROMEO:\n")], dtype=torch.long)
     gen = torch.Generator().manual_seed(0)
-    sample = run.model.generate(prompt, 200, temperature=0.8, top_k=20, generator=gen)
+    sample = run.model.generate(prompt, 200, temperature=0.8, top_k=20, generator=gen, crop=True)
     outcome.note("Sample (seed 0 model, T=0.8, top-k 20): " + char_data.tokenizer.decode(sample[0].tolist()).replace("\n", " / "))
+
+
+@prediction(
+    "nanoGPT's own train.py, run here on the same config, reaches val loss <= 1.88 (its README's figure)",
+    metric="nanogpt_val_loss",
+    expect=at_most(NANOGPT_README_VAL_LOSS),
+)
+def test_nanogpt_itself_on_this_machine(lab, outcome):
+    """The yardstick itself: nanoGPT's train.py with its README CPU command.
+
+    Run nanoGPT's unmodified train.py with the README's CPU command for the baby
+    config (eval_iters 20, at the profile's scale and steps) and read the validation
+    loss it reports at the last step. nanoGPT seeds itself (1337), so this is one
+    deterministic measurement. It tells whether the lab's result above and nanoGPT's
+    README agree on this machine. Needs NANOGPT_DIR; skipped otherwise.
+    """
+    path, why = nanogpt_dir()
+    if path is None:
+        pytest.skip(why)
+    p = lab.profile.pretraining
+    log = run_nanogpt_baby(path, n_layer=p.baby.n_layer, n_head=p.baby.n_head, n_embd=p.baby.n_embd,
+                           block_size=p.baby.block_size, batch_size=p.batch_size, max_iters=p.steps,
+                           device=lab.device, eval_iters=20, eval_interval=p.eval_interval)
+    losses = nanogpt_val_losses(log)
+    outcome.record("nanogpt_val_loss", losses[max(losses)], unit="nats/char")
+    steps = sorted(losses)
+    outcome.plot_lines("nanogpt_val", {"nanoGPT val loss (eval_iters 20)": (steps, [losses[s] for s in steps])},
+                       xlabel="iteration", ylabel="val loss (nats/char)", hlines={"1.88": NANOGPT_README_VAL_LOSS},
+                       title="nanoGPT's own train.py on this machine")

@@ -1,10 +1,5 @@
-import os
-import re
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +9,7 @@ from lab.models import GPT
 from lab.report import at_least, prediction
 from lab.seeding import seed_everything
 from lab.train import make_optimizer, train_step
+from lab.yardsticks import nanogpt_dir, nanogpt_step_times, run_nanogpt_baby
 
 pytestmark = pytest.mark.pretraining
 
@@ -53,32 +49,6 @@ def test_training_throughput(lab, char_data, benchmark, outcome):
     outcome.record("step_time_ms", stats.mean * 1e3, unit="ms")
 
 
-def _nanogpt_dir() -> Path:
-    raw = os.environ.get("NANOGPT_DIR")
-    if not raw:
-        pytest.skip("set NANOGPT_DIR to a nanoGPT checkout to compare against its train.py (not shipped: its code is not ours)")
-    path = Path(raw)
-    if not (path / "train.py").exists() or not (path / "data/shakespeare_char/train.bin").exists():
-        pytest.skip(f"NANOGPT_DIR={raw} needs train.py and data/shakespeare_char/train.bin (run its prepare.py)")
-    return path
-
-
-def _nanogpt_step_times(path: Path, lab, steps: int) -> list[float]:
-    b = lab.profile.pretraining.baby
-    cmd = [
-        sys.executable, "train.py", "config/train_shakespeare_char.py", f"--device={lab.device}", "--compile=False",
-        "--eval_iters=1", "--eval_interval=1000000", "--log_interval=1", f"--block_size={b.block_size}",
-        f"--batch_size={lab.profile.pretraining.batch_size}", f"--n_layer={b.n_layer}", f"--n_head={b.n_head}",
-        f"--n_embd={b.n_embd}", f"--max_iters={steps}", "--lr_decay_iters=2000", "--dropout=0.0",
-        "--always_save_checkpoint=False", f"--out_dir={path / 'out-lab-benchmark'}",
-    ]
-    out = subprocess.run(cmd, cwd=path, capture_output=True, text=True, check=True).stdout
-    times = [float(t) / 1e3 for t in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", out, flags=re.M)]
-    if len(times) < steps // 2:
-        raise RuntimeError(f"could not read nanoGPT's step times from its output:\n{out[-2000:]}")
-    return times[5:]
-
-
 @prediction(
     "The lab trainer's throughput is at least nanoGPT's own train.py on the baby config, same machine",
     metric="throughput_ratio",
@@ -95,11 +65,17 @@ def test_throughput_vs_nanogpt(lab, char_data, outcome):
     dropped), and the ratio lab / nanoGPT is one sample. Needs NANOGPT_DIR (a checkout
     with data/shakespeare_char prepared); skipped otherwise.
     """
-    path = _nanogpt_dir()
-    steps = max(lab.profile.pretraining.throughput_steps, 30)
-    tokens = lab.profile.pretraining.batch_size * lab.profile.pretraining.baby.block_size
+    path, why = nanogpt_dir()
+    if path is None:
+        pytest.skip(why)
+    p = lab.profile.pretraining
+    steps = max(p.throughput_steps, 30)
+    tokens = p.batch_size * p.baby.block_size
     for rnd in range(3):
-        nano = tokens / statistics.median(_nanogpt_step_times(path, lab, steps))
+        log = run_nanogpt_baby(path, n_layer=p.baby.n_layer, n_head=p.baby.n_head, n_embd=p.baby.n_embd,
+                               block_size=p.baby.block_size, batch_size=p.batch_size, max_iters=steps,
+                               device=lab.device, eval_iters=1, eval_interval=10**6)
+        nano = tokens / statistics.median(nanogpt_step_times(log)[5:])
         step, _ = _lab_step_fn(lab, char_data)
         times = []
         for _ in range(steps):

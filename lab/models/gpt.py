@@ -1,7 +1,10 @@
 """A small GPT: a pre-norm decoder-only transformer, readable top to bottom.
 
 The semantics follow nanoGPT's model.py (GPT-2 layout and init); the parts are
-separate modules so later configs can swap attention, MLP, norm or positions.
+separate modules so configs can swap attention (MHA/GQA/MQA, sliding window),
+MLP (GELU/SwiGLU), norm (LayerNorm/RMSNorm) and positions (learned/RoPE/none).
+The defaults are GPT-2. The Llama-style choices follow Hugging Face's Llama
+conventions exactly, so such weights export to LlamaForCausalLM.
 """
 
 from __future__ import annotations
@@ -13,25 +16,51 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lab.models.cache import KVCache
 from lab.models.sampling import check_sampling_args, sample_next
+
+POSITIONS = ("learned", "rope", "none")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+def _is_pos_int(value) -> bool:
+    # bool is an int subclass; True as a layer count is always a mistake
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_pos_number(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int
-    block_size: int
+    block_size: int  # the longest sequence one forward call takes
     n_layer: int
     n_head: int
     n_embd: int
     dropout: float = 0.0
     bias: bool = True  # bias in Linear and LayerNorm layers, as in GPT-2
     tie_weights: bool = True  # lm_head shares its weight with the token embedding
+    n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
+    pos: str = "learned"  # one of POSITIONS
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # one of NORMS
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # one of MLPS
+    mlp_hidden: int | None = None  # None: 4 * n_embd for GELU, about 8/3 * n_embd for SwiGLU
+    sliding_window: int | None = None  # each query sees this many most recent positions
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            # bool is an int subclass; True as a layer count is always a mistake
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_pos_int(value):
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
@@ -46,6 +75,63 @@ class GPTConfig:
         for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("n_kv_head", "mlp_hidden", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and not _is_pos_int(value):
+                raise ValueError(f"GPTConfig.{name} must be None or a positive int, got {value!r}")
+        if self.n_head % self.kv_heads != 0:
+            raise ValueError(
+                f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
+            )
+        for name, allowed in (("pos", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("rope_theta", "norm_eps"):
+            if not _is_pos_number(getattr(self, name)):
+                raise ValueError(f"GPTConfig.{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if self.pos == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(
+                f"GPTConfig.pos='rope' needs an even head size n_embd/n_head, got {self.head_dim}"
+            )
+        if self.sliding_window is not None and self.pos == "learned":
+            raise ValueError(
+                f"GPTConfig.sliding_window={self.sliding_window} needs pos 'rope' or 'none', got "
+                "pos='learned' (learned positions stop at block_size, a window is meant to go past it)"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_head with None resolved to n_head."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        """mlp_hidden with None resolved: 4 * n_embd (GELU), or 8/3 * n_embd rounded up to a
+        multiple of 8 (SwiGLU: its three matrices then hold about as many weights as GELU's two)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return 8 * math.ceil(math.ceil(8 * self.n_embd / 3) / 8)
+        return 4 * self.n_embd
+
+    def describe(self) -> str:
+        """A short name for the architecture, e.g. 'pre-LN GPT-2 (learned pos, LayerNorm, GELU, MHA 4/4)'."""
+        kv = self.kv_heads
+        attention = "MHA" if kv == self.n_head else "MQA" if kv == 1 else "GQA"
+        parts = [
+            f"{self.pos} pos",
+            {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}[self.norm],
+            {"gelu": "GELU", "swiglu": "SwiGLU"}[self.mlp],
+            f"{attention} {self.n_head}/{kv}",
+        ]
+        if self.sliding_window is not None:
+            parts.append(f"window {self.sliding_window}")
+        gpt2 = (self.pos, self.norm, self.mlp) == ("learned", "layernorm", "gelu")
+        return f"pre-LN {'GPT-2' if gpt2 else 'GPT'} ({', '.join(parts)})"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,22 +150,84 @@ class GPTConfig:
         return cls(**d)
 
 
+# ---------------------------------------------------------------- positions
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim (Hugging Face Llama's convention)."""
+    half = x.size(-1) // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(n: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, (n, head_dim) float32, for positions 0..n-1, computed as HF Llama does."""
+    even = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
+    inv_freq = 1.0 / (theta ** (even / head_dim))
+    freqs = torch.outer(torch.arange(n, dtype=torch.int64, device=device).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., head_dim) by the angles of its positions; cos/sin broadcast against x."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def band_mask(T: int, window: int | None, device=None) -> torch.Tensor | None:
+    """Bool (T, T): query i sees key j iff i - window < j <= i; None when plain causal does."""
+    if window is None or window >= T:
+        return None
+    ones = torch.ones(T, T, dtype=torch.bool, device=device)
+    return ones.tril() & ones.triu(-(window - 1))
+
+
+# ---------------------------------------------------------------- layers
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
+        self.head_dim = config.head_dim
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # one fused projection laid out [q (n_head) | k (n_kv_head) | v (n_kv_head)] heads
+        self.c_attn = nn.Linear(
+            config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias
+        )
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, rope=None, attn_mask=None, is_causal=True, cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        hd, n_kv = self.head_dim, self.n_kv_head
+        qk, v = self.c_attn(x).split(((self.n_head + n_kv) * hd, n_kv * hd), dim=2)
+        qk = qk.view(B, T, self.n_head + n_kv, hd)
+        if rope is not None:
+            # q and k heads share their positions: rotate them in one go
+            cos, sin = rope
+            qk = apply_rope(qk, cos.unsqueeze(1), sin.unsqueeze(1))
+        # (B, T, heads, hd) -> (B, heads, T, hd)
+        q, k = qk.transpose(1, 2).split((self.n_head, n_kv), dim=1)
+        v = v.view(B, T, n_kv, hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache._update(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            # query head h reads KV head h // (n_head // n_kv_head), as HF's repeat_kv
+            enable_gqa=n_kv != self.n_head,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -88,27 +236,46 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        hidden = config.mlp_hidden_dim
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class SwiGLU(nn.Module):
+    """c_proj(silu(gate) * up), with gate and up fused in c_fc as [gate | up] (HF Llama's MLP)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_hidden_dim
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, rope=None, attn_mask=None, is_causal=True, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, is_causal, cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+# ---------------------------------------------------------------- model
 
 
 class GPT(nn.Module):
@@ -118,13 +285,16 @@ class GPT(nn.Module):
             raise ValueError(f"GPT expects a GPTConfig, got {type(config).__name__}")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
+        # identifies this model to its KV caches (a deep copy gets a new one)
+        self._cache_token = object()
+        self._rope = None  # float32 cos/sin tables, grown on demand; not state
 
         self.apply(self._init_weights)
         # GPT-2: each block adds two residual branches, so shrink their output
@@ -142,6 +312,10 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def arch(self) -> str:
+        return self.config.describe()
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; with non_embedding, lookup tables are left out.
 
@@ -150,10 +324,24 @@ class GPT(nn.Module):
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.wpe.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
             if not self.config.tie_weights:
                 n -= self.wte.weight.numel()
         return n
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for this model, on its device and in its dtype.
+
+        max_len bounds the tokens it will hold (default block_size); with a sliding
+        window the cache is a ring of sliding_window slots and max_len may be None.
+        """
+        w = self.wte.weight
+        cache = KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+        cache._owner = self._cache_token
+        return cache
+
+    # ------------------------------------------------------------ input checks
 
     def _check_idx(self, idx, name="idx"):
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2:
@@ -166,42 +354,108 @@ class GPT(nn.Module):
         if idx.numel() == 0:
             raise ValueError(f"{name} must be non-empty, got shape {tuple(idx.shape)}")
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab) for every position, and mean cross-entropy (nats) if targets given.
-
-        Targets equal to -1 are ignored in the loss.
-        """
-        self._check_idx(idx)
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(
-                f"sequence length T={T} exceeds the model's block_size={self.config.block_size}"
-            )
+    def _check_vocab(self, idx):
         # out-of-range ids would otherwise be an opaque IndexError (or a CUDA assert)
         if bool(((idx < 0) | (idx >= self.config.vocab_size)).any()):
             raise ValueError(
                 f"idx holds token ids outside [0, {self.config.vocab_size}): "
                 f"min {int(idx.min())}, max {int(idx.max())}"
             )
+
+    def _check_tokens(self, idx, cache):
+        self._check_idx(idx)
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence length T={T} exceeds the model's block_size={self.config.block_size}"
+            )
+        self._check_vocab(idx)
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise ValueError(f"cache must be a KVCache (see GPT.new_cache), got {type(cache).__name__}")
+            cache._check(self.config, self._cache_token, idx)
+
+    # ------------------------------------------------------------ forward
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None
+    ):
+        """Logits (B, T, vocab) for every position, and mean cross-entropy (nats) if targets given.
+
+        Targets equal to -1 are ignored in the loss. With a cache, idx holds only
+        the new tokens: they sit at positions cache.length onward, attend to the
+        cached ones too, and are added to the cache.
+        """
+        self._check_tokens(idx, cache)
         if targets is not None:
             self._check_idx(targets, "targets")
             if targets.shape != idx.shape:
                 raise ValueError(
                     f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}"
                 )
-
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-
+        logits = self.lm_head(self._hidden(idx, cache))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
             )
         return logits, loss
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Final normed hidden states (B, T, n_embd) of checked tokens idx."""
+        config = self.config
+        T = idx.size(1)
+        start = 0 if cache is None else cache.length
+        # positions enter either added to the input (learned) or rotating q and k (rope)
+        x = self.wte(idx)
+        if config.pos == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        x = self.drop(x)
+        rope = self._rope_at(start, T, idx.device) if config.pos == "rope" else None
+
+        if cache is None:
+            attn_mask = band_mask(T, config.sliding_window, idx.device)
+            is_causal = attn_mask is None
+        else:
+            step = cache._begin(T)
+            attn_mask, is_causal = step.attn_mask, step.is_causal
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, attn_mask, is_causal, cache, i)
+        if cache is not None:
+            cache._end(T)
+        return self.ln_f(x)
+
+    def _rope_at(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, head_dim) for positions start..start+T-1."""
+        need = start + T
+        if self._rope is None or self._rope[0].device != device or self._rope[0].size(0) < need:
+            n = max(need, self.config.block_size, 0 if self._rope is None else 2 * self._rope[0].size(0))
+            self._rope = rope_tables(n, self.config.head_dim, self.config.rope_theta, device)
+        cos, sin = self._rope
+        return cos[start:need], sin[start:need]
+
+    # ------------------------------------------------------------ incremental decoding
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed idx (B, T) into cache; return the logits (B, vocab) that predict the next token."""
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a KVCache (see GPT.new_cache), got {type(cache).__name__}")
+        self._check_tokens(idx, cache)
+        return self._step_logits(idx, cache)
+
+    @torch.no_grad()
+    def decode_one(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed one token per row, (B,) or (B, 1), into cache; return next-token logits (B, vocab)."""
+        if isinstance(token, torch.Tensor) and token.dim() == 1:
+            token = token.unsqueeze(1)
+        if isinstance(token, torch.Tensor) and token.dim() == 2 and token.size(1) != 1:
+            raise ValueError(f"decode_one takes one token per row, got shape {tuple(token.shape)}")
+        return self.prefill(token, cache)
+
+    def _step_logits(self, idx, cache) -> torch.Tensor:
+        # only the last position predicts a new token: skip the others' vocab projection
+        return self.lm_head(self._hidden(idx, cache)[:, -1])
 
     @torch.no_grad()
     def generate(
@@ -213,21 +467,63 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        crop: bool = False,
     ) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
 
-        The context is cropped to the last block_size tokens. The module's
+        use_cache=True prefills a KV cache with the prompt and then feeds one token
+        per step; use_cache=False recomputes the whole sequence every step. Both
+        give the same tokens. A sequence longer than block_size needs a sliding
+        window (and the cache), or crop=True: nanoGPT's behaviour of conditioning
+        on the last block_size tokens, recomputed every step. The module's
         train/eval mode is left as is: call model.eval() to sample without dropout.
         """
         self._check_idx(idx)
+        self._check_vocab(idx)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         check_sampling_args(temperature, top_k, top_p)
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]
-            logits, _ = self(context)
-            next_id = sample_next(
-                logits[:, -1, :], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
-            idx = torch.cat((idx, next_id.unsqueeze(1)), dim=1)
-        return idx
+        for name, value in (("use_cache", use_cache), ("crop", crop)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        block_size, window = self.config.block_size, self.config.sliding_window
+        B, T0 = idx.shape
+        total = T0 + max_new_tokens
+
+        def sample(logits):
+            return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+        out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
+        out[:, :T0] = idx
+        if max_new_tokens == 0:
+            return out
+
+        if total > block_size and (window is None or not use_cache):
+            if not crop:
+                why = "without a sliding window" if window is None else "with use_cache=False"
+                raise ValueError(
+                    f"generation longer than the context (block_size={block_size}) {why}: prompt "
+                    f"{T0} + max_new_tokens {max_new_tokens} = {total}; pass crop=True to condition "
+                    "on the last block_size tokens (nanoGPT's behaviour)"
+                )
+            for t in range(T0, total):
+                context = out[:, max(0, t - block_size) : t]
+                out[:, t] = sample(self._step_logits(context, None))
+            return out
+
+        if not use_cache:
+            for t in range(T0, total):
+                out[:, t] = sample(self._step_logits(out[:, :t], None))
+            return out
+
+        cache = self.new_cache(B, max_len=None if window is not None else total)
+        # one forward call takes at most block_size tokens: prefill a long prompt in chunks
+        for s in range(0, T0, block_size):
+            logits = self._step_logits(idx[:, s : s + block_size], cache)
+        for t in range(T0, total):
+            next_id = sample(logits)
+            out[:, t] = next_id
+            if t + 1 < total:
+                logits = self._step_logits(next_id.unsqueeze(1), cache)
+        return out

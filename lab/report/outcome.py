@@ -65,6 +65,11 @@ class Outcome:
         """A sentence for the page: an observation the numbers alone don't tell."""
         self.notes.append(str(text))
 
+    def cite_benchmark(self, group: str) -> None:
+        """Link this hypothesis' page to a pytest-benchmark group on the benchmarks page."""
+        if not any(a.kind == "cite" and a.name == group for a in self.artifacts):
+            self.artifacts.append(Artifact(group, "cite", b""))
+
     def table(self, name: str, rows: Sequence[Mapping[str, object]], caption: str = "") -> None:
         """A small table shown on the hypothesis page (list of dicts, same keys)."""
         rows = [dict(r) for r in rows]

@@ -182,7 +182,11 @@ def _indent(text: str, n: int = 4) -> str:
     return "\n".join(pad + line if line.strip() else "" for line in text.splitlines())
 
 
-def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, img_rel: str) -> str:
+def bench_anchor(profile: str, group: str) -> str:
+    return "bench-" + _slug(f"{profile}-{group}").lower().replace(".", "-")
+
+
+def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, img_rel: str, bench_link: str) -> str:
     row, run = res.row, res.run
     lines = []
     if row["status"] != "passed":
@@ -248,6 +252,8 @@ def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, i
             fname = f"{row['profile']}-{_slug(row['nodeid'].partition('[')[2] or 'main')}-{i}-{_slug(a['name'])}.png"
             (img_dir / fname).write_bytes(a["data"])
             lines += ["", f"![{caption}]({img_rel}/{fname})", f"*{caption}*"]
+        elif a["kind"] == "cite":
+            lines += ["", f"Benchmark: [{html.escape(a['name'])}]({bench_link}#{bench_anchor(row['profile'], a['name'])})"]
         elif a["kind"] == "table":
             rows = json.loads(bytes(a["data"]).decode())
             if rows:
@@ -309,7 +315,8 @@ def _hypothesis_page(reader: _Reader, hypothesis: str, nodes: dict[str, dict[str
         for profile in sorted(by_profile, key=lambda p: PROFILE_ORDER.index(p) if p in PROFILE_ORDER else 9):
             out.append(f'=== "{profile}"')
             out.append("")
-            out.append(_indent(_profile_section(reader, by_profile[profile], nodeid, img_dir, img_rel)))
+            bench_link = os.path.relpath("benchmarks.md", start=rel.parent.as_posix())
+            out.append(_indent(_profile_section(reader, by_profile[profile], nodeid, img_dir, img_rel, bench_link)))
             out.append("")
         hist = reader.history(nodeid)
         if len(hist) > 1:
@@ -427,7 +434,7 @@ def _benchmarks_page(rows: list[dict], docs: Path) -> str:
     for r in rows:
         groups[(r["profile"], r["grp"] or "ungrouped")].append(r)
     for (profile, grp), items in sorted(groups.items()):
-        lines += [f"## {html.escape(grp)} ({profile})", ""]
+        lines += [f"## {html.escape(grp)} ({profile}) {{#{bench_anchor(profile, grp)}}}", ""]
         extra_keys = sorted({k for it in items for k in json.loads(it["extra"] or "{}")})
         lines.append("| benchmark | mean | stddev | min | rounds | " + " | ".join(extra_keys) + " |")
         lines.append("|---|---|---|---|---|" + "---|" * len(extra_keys))

@@ -15,6 +15,7 @@ from lab.train.trainer import (
     TrainResult,
     evaluate,
     make_optimizer,
+    per_position_loss,
     train,
     train_step,
 )
@@ -33,5 +34,6 @@ __all__ = [
     "save_checkpoint",
     "train",
     "make_optimizer",
+    "per_position_loss",
     "train_step",
 ]

@@ -221,6 +221,29 @@ def evaluate(
         raise ValueError(f"generator_seed must be a non-negative int, got {generator_seed!r}")
     _check_token_array(array, "array", block_size)
 
+    return float(_batch_losses(model, array, block_size, batch_size, n_batches, generator_seed, device).mean())
+
+
+@torch.no_grad()
+def per_position_loss(
+    model: GPT,
+    array: np.ndarray,
+    *,
+    block_size: int,
+    batch_size: int,
+    n_batches: int,
+    generator_seed: int = 1234,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Mean loss at each position 0..block_size-1 over the same batches evaluate() uses:
+    how much the prediction gains from each extra token of context."""
+    if not isinstance(model, GPT):
+        raise ValueError(f"model must be a lab.models.GPT, got {type(model).__name__}")
+    _check_token_array(array, "array", block_size)
+    return _batch_losses(model, array, block_size, batch_size, n_batches, generator_seed, device, per_position=True)
+
+
+def _batch_losses(model, array, block_size, batch_size, n_batches, generator_seed, device, per_position=False):
     generator = torch.Generator().manual_seed(generator_seed)
     was_training = model.training
     model.eval()
@@ -228,11 +251,15 @@ def evaluate(
         losses = []
         for _ in range(n_batches):
             x, y = get_batch(array, block_size, batch_size, generator, device)
-            _, loss = model(x, y)
-            losses.append(loss.item())
+            if per_position:
+                logits, _ = model(x)
+                nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+                losses.append(nll.view(y.shape).mean(0).cpu().numpy())
+            else:
+                losses.append(model(x, y)[1].item())
     finally:
         model.train(was_training)
-    return float(np.mean(losses))
+    return np.mean(np.stack(losses), axis=0) if per_position else np.asarray(losses)
 
 
 # ---------------------------------------------------------------- training
@@ -314,6 +341,7 @@ def train(
     progress: bool = True,
     callback=None,
     stop_after: int | None = None,
+    init_from: GPT | None = None,
 ) -> TrainResult:
     """Train a GPT from scratch (or resume from `out_dir/last`) and return a TrainResult.
 
@@ -329,9 +357,16 @@ def train(
     scheduled for it) as if the process were killed there: nothing extra is
     evaluated or written. It exists to test resume.
 
+    init_from=model starts from a copy of that model's weights instead of a fresh
+    initialisation (continued training, e.g. uptraining a converted checkpoint); its
+    config must equal model_config.
+
     Raises TrainingDivergedError (a FloatingPointError with .step, .history and
     .evals) when the loss or gradient norm is not finite.
     """
+    if init_from is not None and (not isinstance(init_from, GPT) or init_from.config != model_config):
+        got = init_from.config if isinstance(init_from, GPT) else type(init_from).__name__
+        raise ValueError(f"init_from must be a GPT with config {model_config}, got {got}")
     if not isinstance(model_config, GPTConfig):
         raise ValueError(f"model_config must be a GPTConfig, got {type(model_config).__name__}")
     if not isinstance(train_config, TrainConfig):
@@ -383,6 +418,8 @@ def train(
         train_tokens = state["train_tokens"]
     else:
         model = GPT(mc).to(device)
+        if init_from is not None:
+            model.load_state_dict(init_from.state_dict())
         optimizer = _make_optimizer(model, tc, device)
 
     t_start = time.perf_counter()

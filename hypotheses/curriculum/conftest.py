@@ -1,0 +1,58 @@
+"""Models for the inference comparisons. Speed does not depend on what the weights
+learned, so the decode benchmarks use freshly initialised Llama-style models (seed 0)
+long enough for the longest decode, exported once to Hugging Face format."""
+
+import pytest
+import torch
+
+from lab.models import GPT
+from lab.paths import cache_dir
+from lab.seeding import seed_everything
+
+
+@pytest.fixture(scope="session")
+def decode_model(lab, char_data):
+    """decode_model(n_kv_head, sliding_window=None) -> a lab GPT in eval mode."""
+    inf = lab.profile.inference
+    models = {}
+
+    def get(n_kv_head: int, sliding_window: int | None = None) -> GPT:
+        key = (n_kv_head, sliding_window)
+        if key not in models:
+            block = inf.prompt_len + max(inf.decode_lengths)
+            config = lab.llama_config(
+                char_data, n_kv_head=n_kv_head, sliding_window=sliding_window,
+                block_size=block,
+            )
+            seed_everything(0)
+            models[key] = GPT(config).eval()
+        return models[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_decode_model(decode_model):
+    """hf_decode_model(n_kv_head) -> the same weights through transformers' LlamaForCausalLM."""
+    pytest.importorskip("transformers")
+    from lab.models.hf import export_hf, load_hf_causal_lm
+    from lab.session import weights_hash
+
+    models = {}
+
+    def get(n_kv_head: int):
+        if n_kv_head not in models:
+            model = decode_model(n_kv_head)
+            path = cache_dir("hf-exports") / weights_hash(model)
+            if not (path / "config.json").exists():
+                export_hf(model, path)
+            models[n_kv_head] = load_hf_causal_lm(path)[0].eval()
+        return models[n_kv_head]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def decode_prompt(lab):
+    inf = lab.profile.inference
+    return torch.randint(0, 65, (1, inf.prompt_len), generator=torch.Generator().manual_seed(0))

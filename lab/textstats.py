@@ -1,0 +1,32 @@
+"""Statistics of generated token sequences: diversity and repetition."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct-n: unique n-grams / total n-grams, pooled over all sequences (Li et al. 2016)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    if not grams:
+        raise ValueError(f"no {n}-grams: every sequence is shorter than {n} tokens")
+    return len(set(grams)) / len(grams)
+
+
+def loop_start(tokens: Sequence[int], *, max_period: int = 100, min_repeats: int = 2) -> int | None:
+    """Where `tokens` falls into a loop: the smallest start s such that tokens[s:] is
+    periodic with some period p <= max_period, repeated at least `min_repeats` times
+    (tokens[i] == tokens[i + p] for all i >= s). None when the tail never loops."""
+    n = len(tokens)
+    best = None
+    for p in range(1, min(max_period, n // min_repeats) + 1):
+        # walk back from the end while the period-p relation holds
+        i = n - p - 1
+        while i >= 0 and tokens[i] == tokens[i + p]:
+            i -= 1
+        s = i + 1
+        if n - s >= min_repeats * p and (best is None or s < best):
+            best = s
+    return best
