@@ -455,7 +455,35 @@ def _benchmarks_page(rows: list[dict], docs: Path) -> str:
         fig.savefig(img_dir / fname, dpi=110, bbox_inches="tight", metadata={"Software": None})
         plt.close(fig)
         lines += ["", f"![{html.escape(grp)}](hypotheses/_benchmarks/{fname})", ""]
+    lines += _scaling_plots(rows, img_dir)
     return "\n".join(lines) + "\n"
+
+
+def _scaling_plots(rows: list[dict], img_dir: Path) -> list[str]:
+    """Benchmarks that tag extra_info with `implementation` and `new_tokens` (the decode
+    comparisons) also get one plot of time against length per implementation."""
+    from lab.report.plots import line_figure
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        extra = json.loads(r["extra"] or "{}")
+        if "implementation" in extra and "new_tokens" in extra:
+            family = (r["grp"] or "").split(":")[0]
+            series[(r["profile"], family)][extra["implementation"]].append((extra["new_tokens"], r["mean_s"]))
+    lines = []
+    for (profile, family), impls in sorted(series.items()):
+        curves = {impl: tuple(zip(*sorted(points))) for impl, points in sorted(impls.items())}
+        if not any(len(xs) > 1 for xs, _ in curves.values()):
+            continue
+        fig = line_figure(curves, xlabel="new tokens decoded", ylabel="total time (s)", logx=True, logy=True,
+                          title=f"{family}: decode time vs length ({profile})")
+        fname = f"{_slug(profile + '-' + family)}-scaling.png"
+        fig.savefig(img_dir / fname, dpi=110, bbox_inches="tight", metadata={"Software": None})
+        plt.close(fig)
+        lines += [f"## {html.escape(family)}: time vs length ({profile})", "",
+                  f"![{html.escape(family)} scaling](hypotheses/_benchmarks/{fname})", ""]
+    return lines
 
 
 def write_pages(store_path: str | os.PathLike, docs_dir: str | os.PathLike) -> int:
