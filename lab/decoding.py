@@ -72,3 +72,12 @@ def tail_to_head_ratio(latencies: list[float], fraction: float = 0.1) -> float:
     body = latencies[1:]
     k = max(1, int(len(body) * fraction))
     return (sum(body[-k:]) / k) / (sum(body[:k]) / k)
+
+
+@torch.no_grad()
+def hf_cache_bytes(hf_model, n_tokens: int) -> int:
+    """Bytes of the keys and values Hugging Face's default (dynamic) cache holds after
+    `n_tokens` tokens: measured from the cache object, not computed from the config."""
+    out = hf_model(torch.zeros(1, n_tokens, dtype=torch.long), use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))

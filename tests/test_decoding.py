@@ -38,3 +38,13 @@ def test_hf_latencies_on_the_exported_weights(model, tmp_path):
 def test_tail_to_head_ratio():
     assert tail_to_head_ratio([9.0] + [1.0] * 20) == pytest.approx(1.0)
     assert tail_to_head_ratio([9.0] + [1.0] * 10 + [3.0] * 10) == pytest.approx(3.0)
+
+
+def test_hf_cache_bytes_measures_the_dynamic_cache(model, tmp_path):
+    pytest.importorskip("transformers")
+    from lab.decoding import hf_cache_bytes
+    from lab.models import export_hf, load_hf_causal_lm
+
+    hf = load_hf_causal_lm(export_hf(model, tmp_path / "m"))[0].eval()
+    # 2 layers x (K and V) x 2 KV heads x 10 tokens x head_dim 8 x 4 bytes, same as the lab cache
+    assert hf_cache_bytes(hf, 10) == 2 * 2 * 2 * 10 * 8 * 4 == model.new_cache(max_len=10).nbytes

@@ -224,7 +224,9 @@ def test_edited_prediction_is_flagged_on_the_site(pytester, tmp_path):
     assert "prediction edited after results existed" in page and "original claim" in page
 
 
-def test_benchmark_stats_are_stored(pytester):
+def test_benchmark_stats_are_stored(pytester, monkeypatch):
+    # pytest-benchmark switches itself off inside an xdist worker; the inner run is not one
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     pytester.makeconftest('pytest_plugins = ["lab.report.plugin"]')
     pytester.makepyfile(
         '''

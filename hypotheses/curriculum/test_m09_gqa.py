@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lab.decoding import hf_decode_latencies, lab_decode_latencies
+from lab.decoding import hf_cache_bytes, hf_decode_latencies, lab_decode_latencies
 from lab.models import mean_pool_kv_heads
 from lab.report import at_least, between, greater_than, prediction
 from lab.report.provenance import PeakMemory
@@ -125,21 +125,25 @@ def test_gqa_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt,
 
     Greedy decode of the profile's longest decode length with a KV cache, on the lab
     model and on its LlamaForCausalLM export (dynamic cache). Records the KV-cache bytes
-    at full length and the process's peak resident memory during the decode.
+    at full length (the lab's allocated buffers; for HF, the tensors its dynamic cache
+    holds after a forward pass over the full length) and the process's peak resident
+    memory during the decode.
     """
     inf = lab.profile.inference
     n, kv = max(inf.decode_lengths), inf.kv_heads[kv_index]
     model = decode_model(kv)
     benchmark.group = f"GQA: cached decode of {n} tokens"
+    total = decode_prompt.shape[1] + n
     if impl == "lab":
         fn = lambda: lab_decode_latencies(model, decode_prompt, n, use_cache=True)
+        cache_bytes = model.new_cache(batch_size=1, max_len=total).nbytes
     else:
         hf = hf_decode_model(kv)
         fn = lambda: hf_decode_latencies(hf, decode_prompt, n)
+        cache_bytes = hf_cache_bytes(hf, total)
     mem = PeakMemory().start()
     latencies = benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=1)
     peak = mem.stop()
-    cache_bytes = model.new_cache(batch_size=1, max_len=decode_prompt.shape[1] + n).nbytes
     benchmark.extra_info.update(
         kv_heads=kv, implementation=impl, cache_bytes=cache_bytes,
         tokens_per_s=round(n / sum(latencies), 1), peak_rss_mib=round(peak / 2**20, 1),

@@ -75,11 +75,7 @@ class BPETokenizer:
         return self.encoding.encode_ordinary(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        ids = _as_int_list(ids)
-        n = self.vocab_size
-        for pos, i in enumerate(ids):
-            if not 0 <= i < n:
-                raise ValueError(f"token id {i} at position {pos} is out of range for vocab_size={n}")
+        ids = _as_int_list(ids, self.vocab_size)
         return self.encoding.decode(ids)
 
     def token_bytes(self, token_id: int) -> bytes:

@@ -61,11 +61,7 @@ class CharTokenizer:
             ) from None
 
     def decode(self, ids: Sequence[int]) -> str:
-        ids = _as_int_list(ids)
-        n = self.vocab_size
-        for pos, i in enumerate(ids):
-            if not 0 <= i < n:
-                raise ValueError(f"token id {i} at position {pos} is out of range for vocab_size={n}")
+        ids = _as_int_list(ids, self.vocab_size)
         return "".join(self.chars[i] for i in ids)
 
     def to_json(self) -> str:
@@ -85,8 +81,8 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-def _as_int_list(ids) -> list[int]:
-    """Accept lists, tuples, numpy arrays and tensors of token ids."""
+def _as_int_list(ids, vocab_size: int) -> list[int]:
+    """Token ids from a list, tuple, numpy array or tensor, each checked against the vocabulary."""
     if isinstance(ids, str):
         raise ValueError("decode expects a sequence of token ids, got a str")
     if hasattr(ids, "tolist"):
@@ -98,4 +94,6 @@ def _as_int_list(ids) -> list[int]:
     for pos, i in enumerate(out):
         if isinstance(i, bool) or not isinstance(i, int):
             raise ValueError(f"token ids must be ints, got {i!r} at position {pos}")
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"token id {i} at position {pos} is out of range for vocab_size={vocab_size}")
     return out

@@ -64,11 +64,7 @@ class TiktokenTokenizer:
         return self.encoding.encode_ordinary(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        ids = _as_int_list(ids)
-        n = self.vocab_size
-        for pos, i in enumerate(ids):
-            if not 0 <= i < n:
-                raise ValueError(f"token id {i} at position {pos} is out of range for vocab_size={n}")
+        ids = _as_int_list(ids, self.vocab_size)
         return self.encoding.decode(ids)
 
     def __repr__(self) -> str:

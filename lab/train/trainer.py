@@ -212,15 +212,6 @@ def evaluate(
     device: str = "cpu",
 ) -> float:
     """Mean loss over n_batches random batches; the same batches for the same generator_seed."""
-    if not isinstance(model, GPT):
-        raise ValueError(f"model must be a lab.models.GPT, got {type(model).__name__}")
-    for name, value in (("block_size", block_size), ("batch_size", batch_size), ("n_batches", n_batches)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not _is_int(generator_seed) or generator_seed < 0:
-        raise ValueError(f"generator_seed must be a non-negative int, got {generator_seed!r}")
-    _check_token_array(array, "array", block_size)
-
     return float(_batch_losses(model, array, block_size, batch_size, n_batches, generator_seed, device).mean())
 
 
@@ -237,13 +228,19 @@ def per_position_loss(
 ) -> np.ndarray:
     """Mean loss at each position 0..block_size-1 over the same batches evaluate() uses:
     how much the prediction gains from each extra token of context."""
-    if not isinstance(model, GPT):
-        raise ValueError(f"model must be a lab.models.GPT, got {type(model).__name__}")
-    _check_token_array(array, "array", block_size)
     return _batch_losses(model, array, block_size, batch_size, n_batches, generator_seed, device, per_position=True)
 
 
 def _batch_losses(model, array, block_size, batch_size, n_batches, generator_seed, device, per_position=False):
+    """Losses over fixed random batches (the same batches for the same generator_seed)."""
+    if not isinstance(model, GPT):
+        raise ValueError(f"model must be a lab.models.GPT, got {type(model).__name__}")
+    for name, value in (("block_size", block_size), ("batch_size", batch_size), ("n_batches", n_batches)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not _is_int(generator_seed) or generator_seed < 0:
+        raise ValueError(f"generator_seed must be a non-negative int, got {generator_seed!r}")
+    _check_token_array(array, "array", block_size)
     generator = torch.Generator().manual_seed(generator_seed)
     was_training = model.training
     model.eval()
