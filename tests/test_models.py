@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lab.models import GPT, GPTConfig, filter_top_k, filter_top_p, sample_next
@@ -277,7 +277,13 @@ def test_attention_kinds_shrink_only_the_kv_projection():
 def test_llama_style_components():
     m = GPT(GPTConfig(**TINY, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False))
     assert m.wpe is None and not any("wpe" in n for n, _ in m.named_parameters())
-    assert isinstance(m.blocks[0].ln_1, torch.nn.RMSNorm) and isinstance(m.ln_f, torch.nn.RMSNorm)
+    from lab.models.gpt import RMSNorm
+
+    assert isinstance(m.blocks[0].ln_1, RMSNorm) and isinstance(m.ln_f, RMSNorm)
+    # the written-out norm computes what torch's own RMSNorm does
+    ref = torch.nn.RMSNorm(m.config.n_embd, eps=m.config.norm_eps)
+    x = torch.randn(3, 5, m.config.n_embd)
+    torch.testing.assert_close(m.ln_f(x), ref(x))
     assert m.blocks[0].mlp.c_fc.weight.shape == (2 * 88, 32)
     assert m.blocks[0].mlp.c_proj.weight.shape == (32, 88)
     # SwiGLU's default width keeps the MLP about as big as GELU's
@@ -472,3 +478,18 @@ def test_sample_next_rejects_bad_logits():
         sample_next(torch.zeros(4))
     with pytest.raises(ValueError, match="2-D float"):
         sample_next(torch.zeros(1, 4, dtype=torch.long))
+
+
+@given(
+    rows=st.lists(st.lists(st.floats(-20, 20), min_size=2, max_size=30), min_size=1, max_size=4)
+    .filter(lambda rs: len({len(r) for r in rs}) == 1),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_temperature_to_zero_equals_greedy(rows, seed):
+    """As T -> 0+ sampling becomes argmax: with a top-two gap g, a non-argmax draw has
+    probability at most V * exp(-g / T), which is < 1e-30 for g >= 0.01 and T = 1e-4."""
+    logits = torch.tensor(rows)
+    top2 = logits.topk(2, dim=-1).values
+    assume(bool(((top2[:, 0] - top2[:, 1]) >= 0.01).all()))
+    gen = torch.Generator().manual_seed(seed)
+    assert torch.equal(sample_next(logits, temperature=1e-4, generator=gen), logits.argmax(-1))
