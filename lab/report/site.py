@@ -299,7 +299,8 @@ def _hypothesis_page(reader: _Reader, hypothesis: str, nodes: dict[str, dict[str
     img_rel = rel.with_suffix("").name
     track = track_of(markers)
     mod = module_marker(markers)
-    out = [_MARK, f"# {html.escape(title)}", ""]
+    # front matter: the navigation shows the hypothesis' title, not its function name
+    out = ["---", f"title: {json.dumps(title)}", "---", _MARK, f"# {html.escape(title)}", ""]
     out.append(
         f"**Track:** {TRACKS.get(track, track)}"
         + (f" · **module:** `{mod}`" if mod else "")
@@ -338,9 +339,13 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
     counts = defaultdict(lambda: defaultdict(int))
     rows = []
     tracks_present = set()
+    measurements_only = 0
     for nodeid in sorted(latest):
         by_profile = latest[nodeid]
         any_res = next(iter(by_profile.values()))
+        if all(not r.verdicts and r.row["status"] == "passed" for r in by_profile.values()):
+            measurements_only += 1  # benchmarks and other tests without a prediction
+            continue
         markers = json.loads(any_res.row["markers"] or "[]")
         track = track_of(markers)
         tracks_present.add(track)
@@ -399,6 +404,9 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
         + "</tr></thead><tbody>",
         *rows,
         "</tbody></table>",
+        "",
+        f"{measurements_only} benchmark and measurement tests without a prediction are not listed here: "
+        "see [benchmarks](benchmarks.md)." if measurements_only else "",
         "",
     ])
 
