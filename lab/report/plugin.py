@@ -471,3 +471,11 @@ def pytest_sessionfinish(session, exitstatus):
 
         pages = write_pages(state.store_path, session.config.rootpath / "docs")
         session.config.get_terminal_writer().line(f"[lab] wrote {pages} result pages under docs/")
+
+
+def pytest_unconfigure(config):
+    # closing checkpoints SQLite's write-ahead log into the store file itself
+    state = config.stash.get(_STATE, None)
+    if state is not None and state.store is not None:
+        state.store.close()
+        state.store = None
