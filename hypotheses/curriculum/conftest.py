@@ -56,3 +56,19 @@ def hf_decode_model(decode_model):
 def decode_prompt(lab):
     inf = lab.profile.inference
     return torch.randint(0, 65, (1, inf.prompt_len), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def decode_length(lab):
+    """decode_length(i) -> the profile's i-th decode length, skipping when it has fewer.
+    decode_length("long") -> the third (1,000 tokens on the cpu profile), or the last."""
+    lengths = lab.profile.inference.decode_lengths
+
+    def get(index):
+        if index == "long":
+            return lengths[min(2, len(lengths) - 1)]
+        if index >= len(lengths):
+            pytest.skip(f"the {lab.profile.name} profile has only {len(lengths)} decode lengths")
+        return lengths[index]
+
+    return get

@@ -20,7 +20,7 @@ def _decode(impl, lab_model, hf_model, prompt, n):
 
 @pytest.mark.parametrize("length_index", [0, 1, 2, 3], ids=lambda i: f"length{i}")
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt, benchmark, outcome, impl, length_index):
+def test_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt, decode_length, benchmark, outcome, impl, length_index):
     """Greedy decode speed: full recompute vs the lab KV cache vs Hugging Face generate.
 
     The same freshly initialised Llama-style model (weights exported once to
@@ -31,10 +31,7 @@ def test_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt, ben
     feeds one token per step; the Hugging Face rows call `generate` with its default
     dynamic cache and with its static cache. Timed with pytest-benchmark, one process.
     """
-    lengths = lab.profile.inference.decode_lengths
-    if length_index >= len(lengths):
-        pytest.skip(f"the {lab.profile.name} profile has only {len(lengths)} decode lengths")
-    n = lengths[length_index]
+    n = decode_length(length_index)
     model = decode_model(lab.profile.inference.llama.n_head)
     benchmark.group = f"KV cache: greedy decode of {n} tokens"
     benchmark.extra_info.update(new_tokens=n, implementation=impl)
@@ -70,7 +67,7 @@ def _speedups(lab, model, prompt, n: int) -> list[float]:
             metric="speedup", expect=at_least(100.0))),
     ],
 )
-def test_kv_cache_speedup(lab, decode_model, decode_prompt, outcome, which):
+def test_kv_cache_speedup(lab, decode_model, decode_prompt, decode_length, outcome, which):
     """The seed's claim: a KV cache speeds decoding up 10x at 100 tokens, 100x+ at 1,000.
 
     Decode the profile's first ("short") or third ("long") decode length greedily with
@@ -78,8 +75,7 @@ def test_kv_cache_speedup(lab, decode_model, decode_prompt, outcome, which):
     the KV cache, interleaved, for the profile's timing rounds; the speedup per round is
     the ratio of total times. Each round is one sample of the interval.
     """
-    lengths = lab.profile.inference.decode_lengths
-    n = lengths[0] if which == "short" else lengths[min(2, len(lengths) - 1)]
+    n = decode_length(0 if which == "short" else "long")
     model = decode_model(lab.profile.inference.llama.n_head)
     for rnd, s in enumerate(_speedups(lab, model, decode_prompt, n)):
         outcome.record("speedup", s, seed=rnd)
@@ -95,7 +91,7 @@ def test_kv_cache_speedup(lab, decode_model, decode_prompt, outcome, which):
     "Without a cache, per-token cost grows with position (last 10% of steps >= 2x the first 10%)",
     metric="recompute_tail_to_head", expect=at_least(2.0),
 )
-def test_per_token_cost_vs_position(lab, decode_model, decode_prompt, outcome):
+def test_per_token_cost_vs_position(lab, decode_model, decode_prompt, decode_length, outcome):
     """Per-token latency as generation proceeds, with and without the cache.
 
     Greedily decode the profile's third decode length (1,000 tokens on the cpu profile)
@@ -103,8 +99,7 @@ def test_per_token_cost_vs_position(lab, decode_model, decode_prompt, outcome):
     the first 10% (prefill excluded): about 1 for a cost that is flat in position.
     Repeated for the profile's timing rounds (one sample each).
     """
-    lengths = lab.profile.inference.decode_lengths
-    n = lengths[min(2, len(lengths) - 1)]
+    n = decode_length("long")
     model = decode_model(lab.profile.inference.llama.n_head)
     curves = {}
     for rnd in range(lab.profile.inference.timing_rounds):
@@ -128,7 +123,7 @@ def test_per_token_cost_vs_position(lab, decode_model, decode_prompt, outcome):
     "The lab's cached greedy decode is no slower than Hugging Face generate on the same weights",
     metric="hf_over_lab_time", expect=at_least(1.0),
 )
-def test_lab_cache_vs_hf_generate(lab, decode_model, hf_decode_model, decode_prompt, outcome):
+def test_lab_cache_vs_hf_generate(lab, decode_model, hf_decode_model, decode_prompt, decode_length, outcome):
     """Lab KV-cache decode vs Hugging Face `generate` (dynamic cache), same weights.
 
     Decode the profile's third decode length (1,000 tokens on the cpu profile) greedily
@@ -137,8 +132,7 @@ def test_lab_cache_vs_hf_generate(lab, decode_model, hf_decode_model, decode_pro
     rounds. The statistic is HF time / lab time per round: >= 1 means the lab is no
     slower.
     """
-    lengths = lab.profile.inference.decode_lengths
-    n = lengths[min(2, len(lengths) - 1)]
+    n = decode_length("long")
     h = lab.profile.inference.llama.n_head
     model, hf = decode_model(h), hf_decode_model(h)
     hf_decode_latencies(hf, decode_prompt, 8)  # warm up generate's first-call overhead

@@ -121,7 +121,7 @@ def test_mha_to_gqa_uptraining(lab, char_data, llama_runs, outcome):
 @pytest.mark.parametrize("length_index", [0, 1, 2, 3], ids=lambda i: f"length{i}")
 @pytest.mark.parametrize("impl", ["lab", "hf"])
 @pytest.mark.parametrize("kv_index", [0, 1, 2], ids=["mha", "gqa", "mqa"])
-def test_gqa_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt, benchmark, outcome, kv_index, impl, length_index):
+def test_gqa_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt, decode_length, benchmark, outcome, kv_index, impl, length_index):
     """Cache memory and cached decode speed vs context length for MHA / GQA / MQA,
     on the lab model and on its Hugging Face export.
 
@@ -132,9 +132,7 @@ def test_gqa_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt,
     memory during the decode.
     """
     inf = lab.profile.inference
-    if length_index >= len(inf.decode_lengths):
-        pytest.skip(f"the {lab.profile.name} profile has only {len(inf.decode_lengths)} decode lengths")
-    n, kv = inf.decode_lengths[length_index], inf.kv_heads[kv_index]
+    n, kv = decode_length(length_index), inf.kv_heads[kv_index]
     model = decode_model(kv)
     benchmark.group = f"GQA: cached decode of {n} tokens"
     total = decode_prompt.shape[1] + n
