@@ -61,12 +61,37 @@ class InferenceScale:
 
 
 @dataclass(frozen=True)
+class ArchitectureScale:
+    """Sizes for the architecture ablations (curriculum 02, 03, 04, 08, 10, 11): one small
+    GPT whose components are swapped one at a time, all trained on the same budget."""
+
+    model: ModelScale  # n_embd divisible by 3 so GELU (4d) and SwiGLU (8d/3) match exactly
+    batch_size: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    eval_interval: int
+    eval_batches: int
+    eval_contexts: tuple[int, ...]  # 02: per-position loss at these lengths (first = trained)
+    head_counts: tuple[int, ...]  # 03: heads at fixed width
+    head_dims: tuple[int, ...]  # 03: d_k values for attention entropy at init
+    depths: tuple[int, ...]  # 04: layers for pre/post-norm and residual ablations
+    depth_width: int  # 04: n_embd of the deep stacks
+    depth_steps: int
+    depth_lrs: tuple[float, ...]  # 04: learning rates crossed with depths
+    n_expert: int  # 08
+    moe_top_k: int
+    probe_positions: int  # 11: token positions per probe split
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
     device: str
     pretraining: PretrainingScale
     inference: InferenceScale
+    architecture: ArchitectureScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -109,6 +134,25 @@ PROFILES: dict[str, Profile] = {
             sample_len=40,
             temperatures=(0.5, 1.0, 1.5),
         ),
+        architecture=ArchitectureScale(
+            model=ModelScale(n_layer=2, n_head=2, n_embd=24, block_size=16),
+            batch_size=8,
+            steps=20,
+            lr=3e-3,
+            warmup_steps=2,
+            eval_interval=10,
+            eval_batches=2,
+            eval_contexts=(16, 32),
+            head_counts=(1, 2),
+            head_dims=(8, 32),
+            depths=(2, 3),
+            depth_width=16,
+            depth_steps=10,
+            depth_lrs=(1e-3, 1e-2),
+            n_expert=4,
+            moe_top_k=2,
+            probe_positions=256,
+        ),
     ),
     "cpu": Profile(
         name="cpu",
@@ -141,6 +185,25 @@ PROFILES: dict[str, Profile] = {
             sample_len=200,
             temperatures=(0.5, 0.8, 1.0, 1.2, 1.5),
         ),
+        architecture=ArchitectureScale(
+            model=ModelScale(n_layer=3, n_head=4, n_embd=96, block_size=64),
+            batch_size=16,
+            steps=500,
+            lr=2e-3,
+            warmup_steps=50,
+            eval_interval=50,
+            eval_batches=10,
+            eval_contexts=(64, 128, 256),
+            head_counts=(1, 4, 8),
+            head_dims=(8, 16, 32, 64, 128, 256),
+            depths=(2, 6, 12),
+            depth_width=64,
+            depth_steps=200,
+            depth_lrs=(1e-3, 1e-2),
+            n_expert=8,
+            moe_top_k=2,
+            probe_positions=2000,
+        ),
     ),
     "gpu": Profile(
         name="gpu",
@@ -172,6 +235,25 @@ PROFILES: dict[str, Profile] = {
             n_prompts=32,
             sample_len=200,
             temperatures=(0.5, 0.8, 1.0, 1.2, 1.5),
+        ),
+        architecture=ArchitectureScale(
+            model=ModelScale(n_layer=6, n_head=6, n_embd=384, block_size=256),
+            batch_size=64,
+            steps=2000,
+            lr=1e-3,
+            warmup_steps=100,
+            eval_interval=100,
+            eval_batches=20,
+            eval_contexts=(256, 512, 1024),
+            head_counts=(1, 6, 12),
+            head_dims=(8, 16, 32, 64, 128, 256, 512),
+            depths=(2, 6, 12, 24),
+            depth_width=256,
+            depth_steps=1000,
+            depth_lrs=(1e-3, 1e-2),
+            n_expert=8,
+            moe_top_k=2,
+            probe_positions=10000,
         ),
     ),
 }

@@ -80,8 +80,25 @@ class Lab:
 
     def model_config(self, data: TokenData, scale: ModelScale | None = None, **overrides) -> GPTConfig:
         scale = scale or self.profile.pretraining.baby
-        sizes = dict(block_size=scale.block_size, n_layer=scale.n_layer, n_head=scale.n_head, n_embd=scale.n_embd)
-        return GPTConfig(vocab_size=data.tokenizer.vocab_size, **{**sizes, **overrides})
+        sizes = dict(
+            vocab_size=data.tokenizer.vocab_size,
+            block_size=scale.block_size, n_layer=scale.n_layer, n_head=scale.n_head, n_embd=scale.n_embd,
+        )
+        return GPTConfig(**{**sizes, **overrides})
+
+    def arch_config(self, data: TokenData, **overrides) -> GPTConfig:
+        """The architecture ablations' shared small GPT (profile.architecture.model) with
+        one component changed by `overrides`, e.g. arch_config(data, pos="alibi")."""
+        return self.model_config(data, self.profile.architecture.model, **overrides)
+
+    def arch_pretrain(self, data: TokenData, model_config: GPTConfig, *, seed: int, **train_overrides) -> TrainResult:
+        """pretrain() with the architecture ablations' shared budget (steps, batch, lr)."""
+        a = self.profile.architecture
+        budget = dict(
+            max_steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
+            eval_interval=a.eval_interval, eval_batches=a.eval_batches,
+        )
+        return self.pretrain(data, model_config, seed=seed, **{**budget, **train_overrides})
 
     def llama_config(self, data: TokenData, scale: ModelScale | None = None, **overrides) -> GPTConfig:
         """A Llama-style model (RoPE, RMSNorm, SwiGLU, no biases): exports to Hugging Face's

@@ -83,9 +83,10 @@ def test_config_rejects_n_head_not_divisible_by_n_kv_head():
 @pytest.mark.parametrize(
     "field, value, allowed",
     [
-        ("pos", "alibi", "'learned', 'rope', 'none'"),
+        ("pos", "xpos", "'learned', 'sinusoidal', 'rope', 'alibi', 'none'"),
         ("norm", "batchnorm", "'layernorm', 'rmsnorm'"),
-        ("mlp", "relu", "'gelu', 'swiglu'"),
+        ("mlp", "geglu", "'gelu', 'relu', 'swiglu'"),
+        ("norm_position", "sandwich", "'pre', 'post'"),
     ],
 )
 def test_config_rejects_unknown_components_listing_the_allowed(field, value, allowed):

@@ -72,3 +72,31 @@ def decode_length(lab):
         return lengths[index]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ablation_runs(lab, char_data):
+    """ablation_runs(train=None, **overrides) -> {seed: TrainResult}: the architecture
+    ablations' shared small GPT (profile.architecture) with `overrides` changing one
+    component, trained on char-level tiny Shakespeare with the shared budget for every
+    seed. `train` overrides the training setup (objective, lr, steps...) the same way.
+    A run that diverges is returned as its TrainingDivergedError."""
+    from lab.train import TrainingDivergedError
+
+    runs = {}
+
+    def get(train: dict | None = None, **overrides):
+        train = train or {}
+        key = (tuple(sorted(overrides.items())), tuple(sorted(train.items())))
+        if key not in runs:
+            config = lab.arch_config(char_data, **overrides)
+            by_seed = {}
+            for seed in lab.seeds:
+                try:
+                    by_seed[seed] = lab.arch_pretrain(char_data, config, seed=seed, **train)
+                except TrainingDivergedError as exc:
+                    by_seed[seed] = exc
+            runs[key] = by_seed
+        return runs[key]
+
+    return get

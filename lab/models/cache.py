@@ -34,6 +34,7 @@ class _Step:
     n_keys: int  # "in_place": how many leading slots to read
     write_from: int  # index into the new tokens of the first one kept
     write_slots: slice | torch.Tensor  # where the kept tokens go
+    kpos: torch.Tensor | None = None  # "concat": position of each key read
 
 
 class KVCache:
@@ -185,9 +186,25 @@ class KVCache:
             held = torch.where(held >= 0, held, torch.full_like(held, _EMPTY_SLOT))
             kpos = torch.cat((held, torch.arange(p0, p0 + T, device=device)))
             mask = _visible(kpos, p0, T, window)
-            step = _Step("concat", mask, False, cap + T, T - keep, write_slots)
+            step = _Step("concat", mask, False, cap + T, T - keep, write_slots, kpos)
         self._step = step
         return step
+
+    def _key_positions(self) -> torch.Tensor:
+        """Position of each key the current step attends to (for distance-based biases)."""
+        step, p0, cap = self._step, self._length, self._capacity
+        device = self.k.device
+        if step.mode == "concat":
+            return step.kpos
+        if step.mode == "fresh":
+            return torch.arange(step.n_keys, device=device)
+        if step.n_keys < cap:
+            return torch.arange(step.n_keys, device=device)
+        # a full ring once the newest position `last` is written: slot s holds the
+        # newest position p <= last with p = s mod cap (a wrapped in-place step has T = 1)
+        last = p0 + max(1, step.n_keys - p0) - 1
+        slots = torch.arange(cap, device=device)
+        return slots + cap * torch.div(last - slots, cap, rounding_mode="floor")
 
     def _update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a layer's new keys/values (B, n_kv_head, T, head_dim); return those to attend to."""

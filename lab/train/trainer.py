@@ -28,6 +28,7 @@ from lab.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from lab.train.objectives import OBJECTIVES, objective_batch
 from lab.train.schedule import lr_at
 
 
@@ -55,6 +56,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     checkpoint_interval: int = 0  # 0: checkpoint only at eval points and at the end
+    objective: str = "clm"  # one of lab.train.objectives.OBJECTIVES
+    mask_prob: float = 0.15  # mlm: fraction of positions masked
 
     def __post_init__(self):
         def fail(name, expected):
@@ -78,6 +81,10 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 fail(name, "a number in [0, 1)")
+        if self.objective not in OBJECTIVES:
+            fail("objective", f"one of {OBJECTIVES}")
+        if not _is_number(self.mask_prob) or not 0 < self.mask_prob < 1:
+            fail("mask_prob", "a number in (0, 1)")
         if not isinstance(self.device, str):
             fail("device", "a device string such as 'cpu' or 'cuda'")
         try:
@@ -117,6 +124,8 @@ _TRAJECTORY_FIELDS = (
     "beta2",
     "grad_clip",
     "seed",
+    "objective",
+    "mask_prob",
 )
 
 
@@ -210,9 +219,17 @@ def evaluate(
     n_batches: int,
     generator_seed: int = 1234,
     device: str = "cpu",
+    objective: str = "clm",
+    mask_prob: float = 0.15,
 ) -> float:
-    """Mean loss over n_batches random batches; the same batches for the same generator_seed."""
-    return float(_batch_losses(model, array, block_size, batch_size, n_batches, generator_seed, device).mean())
+    """Mean loss over n_batches random batches; the same batches (and, for mlm and
+    prefix_lm, the same masks and prefixes) for the same generator_seed."""
+    return float(
+        _batch_losses(
+            model, array, block_size, batch_size, n_batches, generator_seed, device,
+            objective=objective, mask_prob=mask_prob,
+        ).mean()
+    )
 
 
 @torch.no_grad()
@@ -231,7 +248,10 @@ def per_position_loss(
     return _batch_losses(model, array, block_size, batch_size, n_batches, generator_seed, device, per_position=True)
 
 
-def _batch_losses(model, array, block_size, batch_size, n_batches, generator_seed, device, per_position=False):
+def _batch_losses(
+    model, array, block_size, batch_size, n_batches, generator_seed, device, per_position=False,
+    objective="clm", mask_prob=0.15,
+):
     """Losses over fixed random batches (the same batches for the same generator_seed)."""
     if not isinstance(model, GPT):
         raise ValueError(f"model must be a lab.models.GPT, got {type(model).__name__}")
@@ -248,7 +268,12 @@ def _batch_losses(model, array, block_size, batch_size, n_batches, generator_see
         losses = []
         for _ in range(n_batches):
             x, y = get_batch(array, block_size, batch_size, generator, device)
-            if per_position:
+            if objective != "clm":
+                x, y, prefix = objective_batch(
+                    objective, x, y, generator=generator, mask_prob=mask_prob, mask_id=model.config.vocab_size - 1
+                )
+                losses.append(model(x, y, prefix_len=prefix)[1].item())
+            elif per_position:
                 logits, _ = model(x)
                 nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
                 losses.append(nll.view(y.shape).mean(0).cpu().numpy())
@@ -300,15 +325,30 @@ def _peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
-def train_step(model: GPT, optimizer, x, y, *, grad_clip: float, step: int = 0, history=None, evals=None):
+def train_step(
+    model: GPT, optimizer, x, y, *, grad_clip: float, step: int = 0, history=None, evals=None,
+    prefix_len=None, stats: dict | None = None,
+):
     """One optimizer step on batch (x, y); returns (loss, pre-clip grad norm).
+
+    The loss returned is the objective's cross-entropy; an MoE model's load-balancing
+    loss is added to it for the gradient only. With a `stats` dict, also fills in
+    "block_grad_norms" (pre-clip gradient norm of each block) and, for MoE models,
+    "aux_loss" and "expert_load" (per layer, the fraction of tokens each expert got).
 
     Raises TrainingDivergedError before updating the weights when the loss or gradient
     norm is not finite, so the model stays usable. Shared by train() and the benchmarks.
     """
-    _, loss = model(x, y)
+    _, loss = model(x, y, prefix_len=prefix_len)
+    aux = model.aux_loss()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if aux is None else loss + aux).backward()
+    if stats is not None:
+        stats["block_grad_norms"] = _block_grad_norms(model)
+        if model.config.n_expert is not None:
+            stats["expert_load"] = model.expert_load()
+            if aux is not None:
+                stats["aux_loss"] = aux.item()
     max_norm = grad_clip if grad_clip > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     loss_value = loss.item()
@@ -321,6 +361,14 @@ def train_step(model: GPT, optimizer, x, y, *, grad_clip: float, step: int = 0, 
         )
     optimizer.step()
     return loss_value, grad_norm
+
+
+def _block_grad_norms(model: GPT) -> list[float]:
+    norms = []
+    for block in model.blocks:
+        grads = [p.grad for p in block.parameters() if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(()))
+    return torch.stack(norms).tolist()
 
 
 def make_optimizer(model: GPT, train_config: TrainConfig) -> torch.optim.AdamW:
@@ -377,6 +425,13 @@ def train(
         raise ValueError(f"data.identity must be a str, got {type(data.identity).__name__}")
     _check_token_array(data.train, "data.train", model_config.block_size, model_config.vocab_size)
     _check_token_array(data.val, "data.val", model_config.block_size, model_config.vocab_size)
+    if train_config.objective == "mlm":
+        top = int(max(data.train.max(), data.val.max()))
+        if top >= model_config.vocab_size - 1:
+            raise ValueError(
+                f"objective 'mlm' uses the last vocabulary id ({model_config.vocab_size - 1}) as [MASK], "
+                f"but the data uses ids up to {top}: set the model's vocab_size to the tokenizer's + 1"
+            )
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the run directory holding last/)")
     if stop_after is not None and (not _is_int(stop_after) or not 1 <= stop_after <= train_config.max_steps):
@@ -426,7 +481,8 @@ def train(
 
     def run_eval(step: int) -> dict:
         kwargs = dict(
-            block_size=block_size, batch_size=tc.batch_size, n_batches=tc.eval_batches, device=device
+            block_size=block_size, batch_size=tc.batch_size, n_batches=tc.eval_batches, device=device,
+            objective=tc.objective, mask_prob=tc.mask_prob,
         )
         record = {
             "step": step,
@@ -497,12 +553,19 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = get_batch(data.train, block_size, tc.batch_size, batch_gen, device)
+            x, y, prefix = objective_batch(
+                tc.objective, x, y, generator=batch_gen, mask_prob=tc.mask_prob, mask_id=mc.vocab_size - 1
+            )
             step += 1
-            loss_value, grad_norm = train_step(model, optimizer, x, y, grad_clip=tc.grad_clip, step=step, history=history, evals=evals)
+            stats = {}
+            loss_value, grad_norm = train_step(
+                model, optimizer, x, y, grad_clip=tc.grad_clip, step=step, history=history, evals=evals,
+                prefix_len=prefix, stats=stats,
+            )
             train_time += time.perf_counter() - t0  # loss.item() synchronised any device
             train_tokens += tokens_per_step
 
-            record = {"step": step, "lr": lr, "train_loss": loss_value, "grad_norm": grad_norm}
+            record = {"step": step, "lr": lr, "train_loss": loss_value, "grad_norm": grad_norm, **stats}
             history.append(record)
             bar.update(1)
             bar.set_postfix(

@@ -1,0 +1,157 @@
+"""Curriculum 04: the transformer block — where the norm goes, and what the residual
+connection buys, as depth and learning rate grow."""
+
+import numpy as np
+import pytest
+
+from lab.ablations import block_grad_norms, mean_curve
+from lab.data import unigram_entropy
+from lab.report import greater_than, prediction
+from lab.train import TrainingDivergedError
+
+pytestmark = [pytest.mark.curriculum, pytest.mark.m04_block]
+
+
+def _deep(ablation_runs, lab, depth, lr, **overrides):
+    """The depth ablations' stack: profile depth_width, `depth` layers, no warmup."""
+    a = lab.profile.architecture
+    return ablation_runs(
+        train=dict(lr=lr, max_steps=a.depth_steps, warmup_steps=0),
+        n_layer=depth, n_embd=a.depth_width, **overrides,
+    )
+
+
+def _loss(run, vocab_size) -> float:
+    """Final val loss; a diverged run scores ln V, the loss of a model that knows nothing."""
+    return float(np.log(vocab_size)) if isinstance(run, TrainingDivergedError) else run.final_val_loss
+
+
+@pytest.fixture(scope="module")
+def norm_grid(lab, ablation_runs):
+    """{(norm_position, depth, lr): {seed: run or TrainingDivergedError}}."""
+    a = lab.profile.architecture
+    return {
+        (where, d, lr): _deep(ablation_runs, lab, d, lr, norm_position=where)
+        for where in ("pre", "post") for d in a.depths for lr in a.depth_lrs
+    }
+
+
+@pytest.fixture(scope="module")
+def unigram(char_data):
+    """Entropy of the validation text's characters: the loss of a model that ignores context."""
+    return unigram_entropy(char_data.tokenizer.decode(char_data.val.tolist()))
+
+
+@prediction(
+    "Post-norm fails first: across depths x learning rates (no warmup), more post-norm runs fail to beat the unigram baseline than pre-norm runs",
+    metric="post_failures", expect=greater_than("pre_failures"),
+)
+@prediction(
+    "At the deepest stack and highest learning rate, post-norm ends with higher val loss than pre-norm",
+    metric="post_loss_deepest", expect=greater_than("pre_loss_deepest"),
+)
+def test_post_norm_fails_first(lab, char_data, norm_grid, unigram, outcome):
+    """Pre-norm vs post-norm as depth and learning rate grow.
+
+    Train stacks of each profile depth (width depth_width) at each profile learning
+    rate, with no warmup (the regime Xiong et al. 2020 find post-norm fragile in),
+    with the norm before each sub-layer (pre-norm, GPT-2) or after the residual add
+    (post-norm, the original Transformer). A run fails if it diverges or its final
+    validation loss does not beat the unigram entropy of the validation text (a model
+    that ignores context). Per seed, count the failed cells of each variant; paired by
+    seed. A diverged run's loss is scored as ln V.
+    """
+    a = lab.profile.architecture
+    V = char_data.tokenizer.vocab_size
+    outcome.record("unigram_entropy", unigram, unit="nats/char")
+    for seed in lab.seeds:
+        for where in ("pre", "post"):
+            fails = sum(
+                _loss(norm_grid[(where, d, lr)][seed], V) >= unigram for d in a.depths for lr in a.depth_lrs
+            )
+            outcome.record(f"{where}_failures", fails, seed=seed, unit="runs")
+            deepest = norm_grid[(where, max(a.depths), max(a.depth_lrs))][seed]
+            outcome.record(f"{where}_loss_deepest", _loss(deepest, V), seed=seed, unit="nats/char")
+    rows, lines = [], {}
+    for (where, d, lr), by_seed in norm_grid.items():
+        losses = [_loss(r, V) for r in by_seed.values()]
+        rows.append({"norm": f"{where}-norm", "layers": d, "lr": lr,
+                     "final val loss (mean)": round(float(np.mean(losses)), 4),
+                     "diverged": sum(isinstance(r, TrainingDivergedError) for r in by_seed.values()),
+                     "failed (>= unigram)": sum(v >= unigram for v in losses), "seeds": len(losses)})
+        lines.setdefault(f"{where}-norm, lr {lr:g}", ([], []))
+        lines[f"{where}-norm, lr {lr:g}"][0].append(d)
+        lines[f"{where}-norm, lr {lr:g}"][1].append(float(np.mean(losses)))
+    outcome.table("grid", rows, caption="Final validation loss by norm placement, depth and learning rate")
+    outcome.plot_lines("loss_vs_depth", lines, xlabel="layers", ylabel="final val loss (nats/char), mean over seeds",
+                       title="Pre- vs post-norm by depth", hlines={"unigram entropy": unigram})
+
+
+@prediction(
+    "At initialisation, post-norm's gradients grow toward the output: its last/first block gradient-norm ratio exceeds pre-norm's",
+    metric="post_grad_ratio", expect=greater_than("pre_grad_ratio"),
+)
+def test_post_norm_gradients_grow_with_layer(lab, norm_grid, outcome):
+    """Per-layer gradient norms, pre- vs post-norm (Xiong et al. 2020's analysis).
+
+    From the deepest stacks of the pre/post-norm grid (lowest learning rate), read each
+    block's gradient norm on the first optimizer step (the weights are still the
+    initialisation, so the learning rate plays no part) and over training. The
+    statistic is the last block's gradient norm over the first block's, paired by seed.
+    """
+    a = lab.profile.architecture
+    d, lr = max(a.depths), min(a.depth_lrs)
+    init_lines, late_lines = {}, {}
+    for where in ("pre", "post"):
+        runs = {s: r for s, r in norm_grid[(where, d, lr)].items() if not isinstance(r, TrainingDivergedError)}
+        for seed, run in runs.items():
+            g = block_grad_norms(run)
+            outcome.record(f"{where}_grad_ratio", float(g[0, -1] / g[0, 0]), seed=seed)
+        first = np.mean([block_grad_norms(r)[0] for r in runs.values()], axis=0)
+        late = np.mean([block_grad_norms(r)[-max(1, len(r.history) // 10):].mean(0) for r in runs.values()], axis=0)
+        init_lines[f"{where}-norm"] = (np.arange(d), first)
+        late_lines[f"{where}-norm"] = (np.arange(d), late)
+    outcome.plot_lines("grad_norm_init", init_lines, xlabel="block", ylabel="gradient norm (first step)",
+                       title=f"Per-block gradient norm at initialisation, {d} layers", logy=True)
+    outcome.plot_lines("grad_norm_late", late_lines, xlabel="block", ylabel="gradient norm (last 10% of steps)",
+                       title=f"Per-block gradient norm late in training, {d} layers", logy=True)
+
+
+@prediction(
+    "Without residual connections the deepest stack fails to train: its val loss does not beat the unigram entropy",
+    metric="no_residual_deep_loss", expect=greater_than("unigram_entropy"),
+)
+@prediction(
+    "Without residual connections the deepest stack ends far worse than with them",
+    metric="no_residual_deep_loss", expect=greater_than("residual_deep_loss"),
+)
+def test_residuals_let_deep_stacks_train(lab, char_data, ablation_runs, norm_grid, unigram, outcome):
+    """Remove the residual connections.
+
+    At the shallowest and deepest profile depths (pre-norm, lowest learning rate, no
+    warmup, the grid's budget), train with each sub-layer's output replacing the stream
+    (x = f(norm(x))) instead of adding to it. Compare final validation loss with the
+    residual stacks and the unigram entropy; plot the curves and the deep stack's
+    per-block gradient norms at initialisation.
+    """
+    a = lab.profile.architecture
+    V = char_data.tokenizer.vocab_size
+    lr = min(a.depth_lrs)
+    outcome.record("unigram_entropy", unigram, unit="nats/char")
+    curves, grads = {}, {}
+    for d, tag in ((min(a.depths), "shallow"), (max(a.depths), "deep")):
+        with_res = norm_grid[("pre", d, lr)]
+        without = _deep(ablation_runs, lab, d, lr, residual=False)
+        for seed in lab.seeds:
+            outcome.record(f"residual_{tag}_loss", _loss(with_res[seed], V), seed=seed, unit="nats/char")
+            outcome.record(f"no_residual_{tag}_loss", _loss(without[seed], V), seed=seed, unit="nats/char")
+        for label, runs in ((f"{d} layers, residual", with_res), (f"{d} layers, no residual", without)):
+            ok = {s: r for s, r in runs.items() if not isinstance(r, TrainingDivergedError)}
+            if ok:
+                curves[label] = mean_curve(ok)
+                if d == max(a.depths):
+                    grads[label] = (np.arange(d), np.mean([block_grad_norms(r)[0] for r in ok.values()], axis=0))
+    outcome.plot_lines("val_curves", curves, xlabel="optimizer step", ylabel="val loss (nats/char), mean over seeds",
+                       title="With and without residual connections", hlines={"unigram entropy": unigram})
+    outcome.plot_lines("grad_norm_init", grads, xlabel="block", ylabel="gradient norm (first step)",
+                       title="Per-block gradient norm at initialisation", logy=True)
