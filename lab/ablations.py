@@ -38,6 +38,8 @@ def summary_rows(runs: Runs, *, baseline: str | None = None) -> list[dict]:
     """One table row per variant: architecture, parameters, final val loss with a 95%
     t-interval over seeds, and (with a baseline) the mean paired difference to it."""
     _check_runs(runs)
+    if baseline is not None and baseline not in runs:
+        raise ValueError(f"baseline {baseline!r} is not one of the variants {list(runs)}")
     rows = []
     for label, by_seed in runs.items():
         first = next(iter(by_seed.values()))

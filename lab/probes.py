@@ -49,8 +49,9 @@ def fit_probe(
     if train_x.size(1) != test_x.size(1):
         raise ValueError(f"train features have {train_x.size(1)} dims, test features {test_x.size(1)}")
     n_classes = int(max(train_y.max(), test_y.max())) + 1
+    train_x, test_x = train_x.float(), test_x.float()
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    xtr, xte = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
     gen = torch.Generator().manual_seed(seed)
     probe = torch.nn.Linear(xtr.size(1), n_classes)
     with torch.no_grad():

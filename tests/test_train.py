@@ -262,7 +262,8 @@ def test_loss_decreases_on_a_learnable_pattern(tmp_path):
     assert final < 0.5 * initial
     assert [e["step"] for e in result.evals] == [0, 25, 50]
     assert len(result.history) == result.steps == 50
-    assert set(result.history[0]) == {"step", "lr", "train_loss", "grad_norm"}
+    assert set(result.history[0]) == {"step", "lr", "train_loss", "grad_norm", "block_grad_norms"}
+    assert len(result.history[0]["block_grad_norms"]) == MODEL.n_layer
     assert result.best_val_loss == min(e["val_loss"] for e in result.evals)
     assert result.tokens_per_s > 0 and result.wall_time_s > 0
     assert not result.model.training

@@ -522,12 +522,18 @@ class GPT(nn.Module):
         """The weighted load-balancing loss of the last forward (MoE models), else None."""
         if self.config.n_expert is None or self.config.moe_aux_weight == 0:
             return None
+        self._check_routed()
         return self.config.moe_aux_weight * sum(b.mlp.aux_loss for b in self.blocks)
+
+    def _check_routed(self):
+        if any(b.mlp.load is None for b in self.blocks):
+            raise ValueError("no routing recorded yet: run a forward pass of this MoE model first")
 
     def expert_load(self) -> list[list[float]] | None:
         """Per MoE layer, the fraction of the last forward's routed tokens each expert got."""
         if self.config.n_expert is None:
             return None
+        self._check_routed()
         return [b.mlp.load.tolist() for b in self.blocks]
 
     @torch.no_grad()

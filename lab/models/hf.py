@@ -52,6 +52,8 @@ QUANTIZATIONS = (None, "8bit", "4bit")
 _KNOWN_FIELDS = {
     "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "tie_weights",
     "n_kv_head", "pos", "rope_theta", "norm", "norm_eps", "mlp", "mlp_hidden", "sliding_window",
+    # initialisation only; and MoE settings that do nothing unless n_expert (not known) is set
+    "init_std", "moe_top_k", "moe_aux_weight",
 }  # fmt: skip
 
 
