@@ -127,6 +127,13 @@ def test_small_init_hides_the_missing_scale(lab, char_data, outcome):
     the variance-preserving sweep.
     """
     lines = _entropy_sweep(lab, char_data, outcome, init_std=0.02)
+    d = max(lab.profile.architecture.head_dims)
+    # q and k components have variance d * std^2, so q.k has variance d * (d * std^2)^2
+    outcome.note(
+        f"At std 0.02 the unscaled logit q.k has standard deviation sqrt(d^3) * 0.02^2 = "
+        f"{(d ** 3) ** 0.5 * 0.02 ** 2:.2f} at d_k = {d} (vs {(d ** 3) ** 0.5 * 0.02 ** 2 / d ** 0.5:.2f} with the scale): "
+        "small only for small heads, since it grows as d_k^1.5."
+    )
     outcome.plot_lines(
         "entropy_vs_dk", lines, xlabel="head size d_k", ylabel="normalised attention entropy at init",
         title="Attention entropy at GPT-2's init (std 0.02)", logx=True,
