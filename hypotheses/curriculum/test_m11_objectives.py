@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lab.ablations import compare_runs
-from lab.data import get_batch
+from lab.data import get_batch, unigram_entropy
 from lab.probes import fit_probe
 from lab.report import greater_than, less_than, prediction
 from lab.train.objectives import next_token_nll
@@ -70,6 +70,14 @@ def test_causal_lm_is_best_at_next_token(lab, char_data, objective_runs, outcome
                        ylabel="next-token loss (nats/char), mean over seeds",
                        title="Causal-task loss by objective")
     compare_runs(outcome, objective_runs, title="Each objective's own validation loss (not comparable across objectives)")
+    unigram = unigram_entropy(char_data.tokenizer.decode(char_data.val.tolist()))
+    outcome.record("unigram_entropy", unigram, unit="nats/char")
+    for obj, by_seed in objective_runs.items():
+        left = [next((e["step"] for e in r.evals if e["val_loss"] < unigram - 0.05), None) for r in by_seed.values()]
+        outcome.note(
+            f"{obj}: first evaluation step with its own val loss 0.05 nats below the unigram entropy "
+            f"({unigram:.3f}), per seed: {', '.join('never' if s is None else str(s) for s in left)}."
+        )
 
 
 def _probe_split(model, obj, array, lab, n, seed):
