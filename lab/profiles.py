@@ -85,6 +85,25 @@ class ArchitectureScale:
 
 
 @dataclass(frozen=True)
+class FinetuneScale:
+    """Sizes for Track A (fine-tuning through transformers + peft + bitsandbytes): a
+    Llama-style GQA base pretrained on Shakespeare, fine-tuned on Milton."""
+
+    base: ModelScale
+    base_kv_heads: int
+    base_steps: int
+    steps: int
+    batch_size: int
+    eval_interval: int
+    eval_batches: int
+    lr: float  # the comparisons' learning rate (rank, QLoRA, forgetting)
+    lrs: tuple[float, ...]  # the learning-rate sweep
+    ranks: tuple[int, ...]
+    replay_fraction: float
+    bench_rounds: int
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
@@ -92,6 +111,7 @@ class Profile:
     pretraining: PretrainingScale
     inference: InferenceScale
     architecture: ArchitectureScale
+    finetune: FinetuneScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -153,6 +173,11 @@ PROFILES: dict[str, Profile] = {
             moe_top_k=2,
             probe_positions=256,
         ),
+        finetune=FinetuneScale(
+            base=ModelScale(n_layer=2, n_head=4, n_embd=32, block_size=32),
+            base_kv_heads=2, base_steps=20, steps=10, batch_size=4, eval_interval=5, eval_batches=2,
+            lr=1e-3, lrs=(1e-5, 1e-3, 5e-3), ranks=(2, 4), replay_fraction=0.25, bench_rounds=3,
+        ),
     ),
     "cpu": Profile(
         name="cpu",
@@ -204,6 +229,11 @@ PROFILES: dict[str, Profile] = {
             moe_top_k=2,
             probe_positions=2000,
         ),
+        finetune=FinetuneScale(
+            base=ModelScale(n_layer=4, n_head=8, n_embd=128, block_size=64),
+            base_kv_heads=2, base_steps=1000, steps=300, batch_size=16, eval_interval=25, eval_batches=10,
+            lr=1e-3, lrs=(1e-5, 2e-4, 1e-3, 5e-3), ranks=(8, 16, 32, 64), replay_fraction=0.25, bench_rounds=20,
+        ),
     ),
     "gpu": Profile(
         name="gpu",
@@ -254,6 +284,11 @@ PROFILES: dict[str, Profile] = {
             n_expert=8,
             moe_top_k=2,
             probe_positions=10000,
+        ),
+        finetune=FinetuneScale(
+            base=ModelScale(n_layer=6, n_head=8, n_embd=256, block_size=256),
+            base_kv_heads=2, base_steps=3000, steps=1000, batch_size=32, eval_interval=50, eval_batches=20,
+            lr=1e-3, lrs=(1e-5, 2e-4, 1e-3, 5e-3), ranks=(8, 16, 32, 64), replay_fraction=0.25, bench_rounds=50,
         ),
     ),
 }
