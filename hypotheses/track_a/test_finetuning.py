@@ -65,7 +65,7 @@ def test_loss_curves(lab, ft_runs, milton_data, outcome):
             metric="low_lr_gap", expect=at_least(0.1))
 @prediction("The largest rate (5e-3) destabilizes: it ends at least 0.02 nats/char above the best rate",
             metric="high_lr_gap", expect=at_least(0.02))
-def test_learning_rate_sweep(lab, ft_runs, char_data, outcome):
+def test_learning_rate_sweep(lab, ft_runs, milton_data, outcome):
     """LoRA (rank 8) fine-tuning at each rate of the seed's grid (1e-5, 2e-4, 1e-3, 5e-3).
 
     Same base, data, steps and seeds; final Milton val loss per rate (a diverged run
@@ -73,7 +73,7 @@ def test_learning_rate_sweep(lab, ft_runs, char_data, outcome):
     over the rates in between; gaps are measured from the best rate of each seed.
     """
     f = lab.profile.finetune
-    V = char_data.tokenizer.vocab_size
+    V = milton_data.tokenizer.vocab_size
     runs = {lr: ft_runs(method="lora", rank=8, lr=lr) for lr in f.lrs}
     lines = {}
     for seed in lab.seeds:
@@ -99,7 +99,7 @@ def test_learning_rate_sweep(lab, ft_runs, char_data, outcome):
     "Diminishing returns with rank: doubling the smallest rank (8 -> 16) lowers Milton val loss more than doubling the largest (32 -> 64)",
     metric="gain_lowest_ranks", expect=greater_than("gain_highest_ranks"),
 )
-def test_lora_rank(lab, ft_runs, char_data, outcome):
+def test_lora_rank(lab, ft_runs, milton_data, outcome):
     """LoRA rank vs Milton val loss, with full fine-tuning as the reference.
 
     LoRA on q/k/v/o at each profile rank (alpha = 2 x rank, so the update's scale is the
@@ -108,7 +108,7 @@ def test_lora_rank(lab, ft_runs, char_data, outcome):
     by seed (for the smoke profile's two ranks the second gain is 0).
     """
     f = lab.profile.finetune
-    V = char_data.tokenizer.vocab_size
+    V = milton_data.tokenizer.vocab_size
     runs = {r: ft_runs(method="lora", rank=r) for r in f.ranks}
     full = ft_runs(method="full")
     rows = []
@@ -139,7 +139,7 @@ def test_lora_rank(lab, ft_runs, char_data, outcome):
             metric="qlora_minus_lora", expect=between(-0.05, 0.05))
 @prediction("The 4-bit base needs at most half the bytes of the full-precision base",
             metric="base_bytes_ratio", expect=at_most(0.5))
-def test_qlora_matches_lora(lab, ft_runs, char_data, outcome):
+def test_qlora_matches_lora(lab, ft_runs, milton_data, outcome):
     """QLoRA vs LoRA at the same rank, learning rate, steps and seeds.
 
     QLoRA loads the base through bitsandbytes as 4-bit NF4 with double quantisation
@@ -147,7 +147,7 @@ def test_qlora_matches_lora(lab, ft_runs, char_data, outcome):
     loss paired by seed; the base's bytes in memory (model.get_memory_footprint(),
     4-bit weights counted packed) for each.
     """
-    V = char_data.tokenizer.vocab_size
+    V = milton_data.tokenizer.vocab_size
     lora, qlora = ft_runs(method="lora", rank=8), ft_runs(method="qlora", rank=8)
     for seed in lab.seeds:
         outcome.record("qlora_minus_lora", _val(qlora[seed], V) - _val(lora[seed], V), seed=seed, unit="nats/char")

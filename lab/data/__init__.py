@@ -21,7 +21,14 @@ from lab.data.corpora import (
     normalize_text,
     strip_gutenberg,
 )
-from lab.data.dataset import SlidingWindowDataset, TokenData, get_batch, prepare, split_text
+from lab.data.dataset import (
+    SlidingWindowDataset,
+    TokenData,
+    get_batch,
+    interleave_for_split,
+    prepare,
+    split_text,
+)
 from lab.data.stats import bigram_conditional_entropy, unigram_entropy
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "normalize_text",
     "prepare",
     "split_text",
+    "interleave_for_split",
     "strip_gutenberg",
     "unigram_entropy",
 ]

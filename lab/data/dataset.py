@@ -39,6 +39,29 @@ def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return text[:n], text[n:]
 
 
+def interleave_for_split(text: str, *, chunk: int = 5000, every: int = 10) -> tuple[str, float]:
+    """Reorder `text` so that a tail split takes every `every`-th chunk of `chunk` characters
+    as validation text: returns (reordered text, the val_fraction that selects exactly them).
+
+    For corpora made of different works (Milton: epic verse, then minor poems, then prose),
+    a plain tail split would validate on one genre only; this keeps train and val the same
+    mixture while no validation chunk is ever seen in training."""
+    if not isinstance(text, str):
+        raise ValueError(f"interleave_for_split expects a str, got {type(text).__name__}")
+    for name, value in (("chunk", chunk), ("every", every)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "chunk" else 2):
+            raise ValueError(f"{name} must be an int >= {1 if name == 'chunk' else 2}, got {value!r}")
+    pieces = [text[i : i + chunk] for i in range(0, len(text), chunk)]
+    val = [p for i, p in enumerate(pieces) if i % every == every - 1]
+    if not val or len(val) == len(pieces):
+        raise ValueError(
+            f"text of {len(text)} chars has {len(pieces)} chunks of {chunk}: too few for a 1-in-{every} split"
+        )
+    train = [p for i, p in enumerate(pieces) if i % every != every - 1]
+    train_text, val_text = "".join(train), "".join(val)
+    return train_text + val_text, len(val_text) / (len(train_text) + len(val_text))
+
+
 @dataclass(eq=False)
 class TokenData:
     """Encoded train/val splits of one corpus under one tokenizer."""

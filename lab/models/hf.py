@@ -609,3 +609,29 @@ def load_hf_causal_lm(
         except (OSError, ValueError):
             tokenizer = None  # the model repo ships no (loadable) tokenizer
     return model, tokenizer
+
+
+def resolve_hf_checkpoint(name_or_path) -> tuple[Path, object | None]:
+    """(local directory, tokenizer or None) for a checkpoint path or a hub id in the local
+    cache, without loading the weights. Raises ModelUnavailableError for an id that is
+    not cached (downloading only with LAB_HF_ALLOW_DOWNLOAD=1), FileNotFoundError for a
+    path that does not exist."""
+    local = Path(os.fspath(name_or_path)).expanduser()
+    if not local.exists():
+        source = str(name_or_path)
+        if source.startswith((os.sep, ".", "~")) or source.count("/") > 1:
+            raise FileNotFoundError(f"no checkpoint directory at {source!r} (and it is not a hub id)")
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(source, local_files_only=not _download_allowed()))
+        except Exception as e:  # noqa: BLE001 - the hub raises several unrelated types
+            raise _unavailable(source, e) from e
+    if not local.is_dir() or not (local / "config.json").is_file():
+        raise ValueError(f"{local} is not a Hugging Face checkpoint directory (no config.json)")
+    tokenizer = None
+    if any((local / f).is_file() for f in _TOKENIZER_FILES):
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(local), local_files_only=True)
+    return local, tokenizer
