@@ -157,7 +157,7 @@ def test_result_round_trips_through_json(base, cache):
 
 def test_retokenize_drops_unknown_characters():
     text, dropped = retokenize("Of Man's first disobedience [1] (2)", TOK)
-    assert text == "Of Man's first disobedience  " and dropped == 7
+    assert text == "Of Man's first disobedience  " and dropped == 6
 
 
 def test_resolve_hf_checkpoint(base, tmp_path, monkeypatch):
