@@ -155,6 +155,12 @@ def test_list_shows_predictions_and_runs_nothing(project):
     assert not (project.path / "store.sqlite").exists()
 
 
+def test_list_honours_keyword_and_marker_selection(project):
+    out = _run(project, "--lab-list", "-k", "refuted").stdout.str()
+    assert "test_hyp.py::test_refuted" in out
+    assert "test_param" not in out and "test_nan" not in out
+
+
 def test_xdist_workers_share_one_run(project):
     res = _run(project, "-n", "2")
     res.assert_outcomes(passed=4, failed=4, skipped=1)

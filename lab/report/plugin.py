@@ -194,6 +194,7 @@ def _predictions(item) -> list[Prediction]:
     return [p.render(params) for p in preds]
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection, so the list honours them
 def pytest_collection_modifyitems(session, config, items):
     if config.getoption("--lab-list"):
         _list_hypotheses(config, items)
