@@ -1,1 +1,8 @@
+from hypothesis import settings
+
 pytest_plugins = ["pytester"]
+
+# Property tests check behaviour, not speed: hypothesis' default 200 ms per-example
+# deadline is a timed assert, and on shared 2-core CI machines it fails at random.
+settings.register_profile("lab", deadline=None)
+settings.load_profile("lab")
