@@ -104,6 +104,19 @@ class FinetuneScale:
 
 
 @dataclass(frozen=True)
+class InspectScale:
+    """Sizes for Tracks B and C (attention and residual-stream inspection). They look inside
+    models other hypotheses train (the baby GPT, Track A's base and fine-tuned models) and
+    the pretrained MiniLM, so they train nothing themselves."""
+
+    n_windows: int  # validation windows (the model's context long) each statistic averages over
+    probe_windows: int  # windows per probe split (train, test); one sample per position
+    induction_period: int  # length of the random token sequence that then repeats
+    induction_batches: int  # random repeated sequences per model
+    minilm_sentences: int  # lines of real text run through MiniLM
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
@@ -112,6 +125,7 @@ class Profile:
     inference: InferenceScale
     architecture: ArchitectureScale
     finetune: FinetuneScale
+    inspect: InspectScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -178,6 +192,7 @@ PROFILES: dict[str, Profile] = {
             base_kv_heads=2, base_steps=20, steps=10, batch_size=4, eval_interval=5, eval_batches=2,
             lr=1e-3, lrs=(1e-5, 1e-3, 5e-3), ranks=(2, 4), replay_fraction=0.25, bench_rounds=3,
         ),
+        inspect=InspectScale(n_windows=4, probe_windows=4, induction_period=8, induction_batches=4, minilm_sentences=4),
     ),
     "cpu": Profile(
         name="cpu",
@@ -234,6 +249,7 @@ PROFILES: dict[str, Profile] = {
             base_kv_heads=2, base_steps=1000, steps=300, batch_size=16, eval_interval=25, eval_batches=10,
             lr=1e-3, lrs=(1e-5, 2e-4, 1e-3, 5e-3), ranks=(8, 16, 32, 64), replay_fraction=0.25, bench_rounds=20,
         ),
+        inspect=InspectScale(n_windows=64, probe_windows=48, induction_period=24, induction_batches=32, minilm_sentences=32),
     ),
     "gpu": Profile(
         name="gpu",
@@ -290,6 +306,7 @@ PROFILES: dict[str, Profile] = {
             base_kv_heads=2, base_steps=3000, steps=1000, batch_size=32, eval_interval=50, eval_batches=20,
             lr=1e-3, lrs=(1e-5, 2e-4, 1e-3, 5e-3), ranks=(8, 16, 32, 64), replay_fraction=0.25, bench_rounds=50,
         ),
+        inspect=InspectScale(n_windows=256, probe_windows=128, induction_period=100, induction_batches=64, minilm_sentences=128),
     ),
 }
 

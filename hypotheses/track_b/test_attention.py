@@ -1,0 +1,278 @@
+"""Track B: what attention looks at. Patterns captured at `blocks.{i}.attn.hook_pattern`
+on the lab's baby GPT (char-level Shakespeare, one model per seed), on the real
+pretrained MiniLM-L6 (a BERT encoder, bidirectional) and on Track A's base and
+fine-tuned Llama-style models (Hugging Face format)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lab.finetune import load_finetuned
+from lab.inspect import adapter
+from lab.inspect.attention import (
+    entropy,
+    induction_score,
+    js_divergence,
+    key_share,
+    mean_distance,
+    offset_share,
+    patterns,
+    per_head,
+    uniform_pattern,
+)
+from lab.inspect.texts import repeated_random, windows
+from lab.models import GPT
+from lab.models.hf import load_hf_causal_lm
+from lab.report import at_least, at_most, greater_than, prediction
+from lab.report.plots import heatmap_grid, line_figure
+
+pytestmark = pytest.mark.track_b
+
+MODELS = ("baby-gpt", "minilm")
+SINK_MIN_QUERY = 16  # queries that see at least 17 keys: uniform attention gives <= 1/17 to one key
+
+
+def _cases(request, which):
+    """[(seed or None, model, [(B, T) inputs], tokens of the first input)] for one subject:
+    the baby GPT once per seed on validation windows, or MiniLM (one model, seed None)
+    on single lines of real text."""
+    if which == "baby-gpt":
+        runs = request.getfixturevalue("baby_runs")
+        idx, _ = request.getfixturevalue("inspect_windows")
+        tok = request.getfixturevalue("char_data").tokenizer
+        labels = [repr(c)[1:-1] or " " for c in tok.decode(idx[0].tolist())]
+        return [(seed, run.model, [idx], labels) for seed, run in runs.items()]
+    model, tokenizer = request.getfixturevalue("minilm")
+    texts = request.getfixturevalue("minilm_texts")
+    ids = [tokenizer(t, return_tensors="pt")["input_ids"] for t in texts]
+    return [(None, model, ids, tokenizer.convert_ids_to_tokens(ids[0][0]))]
+
+
+def _pats(model, inputs):
+    return [patterns(model, x) for x in inputs]
+
+
+def _causal(model) -> bool:
+    return adapter(model).causal
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param("baby-gpt", marks=prediction(
+            "A char-level model grows a previous-token head: some head puts >= 50% of its attention on the previous character",
+            metric="max_neighbour_share", expect=at_least(0.5))),
+        pytest.param("minilm", marks=prediction(
+            "MiniLM has a positional head (Clark et al. 2019 found them in BERT): some head puts >= 50% of its attention on the previous or next token",
+            metric="max_neighbour_share", expect=at_least(0.5))),
+    ],
+)
+def test_heatmaps(request, model, outcome):
+    """Attention heatmaps per layer and head on real text.
+
+    Capture every layer's pattern on real text: the baby GPT on evenly spaced windows of
+    the tiny-Shakespeare validation split (its full context), MiniLM on lines of it.
+    Plot the layers x heads grid for the first input. For each head, average the share
+    of attention each query puts on the adjacent token (previous; also next for the
+    bidirectional MiniLM) over queries and inputs; max_neighbour_share is the largest
+    over heads. Baby GPT: one value per seed; MiniLM: one model, averaged over lines.
+    """
+    for seed, m, inputs, labels in _cases(request, model):
+        pats = _pats(m, inputs)
+        prev = per_head(offset_share, pats, offset=-1)
+        share = prev if _causal(m) else torch.maximum(prev, per_head(offset_share, pats, offset=1))
+        outcome.record("max_neighbour_share", share.max().item(), seed=seed)
+        if seed in (None, 0):
+            first = pats[0][:, 0]  # (layers, heads, T, T) of the first input
+            L, H = first.shape[:2]
+            grid = [[first[l, h].numpy() for h in range(H)] for l in range(L)]
+            outcome.plot("heatmaps", heatmap_grid(grid, row_labels=[f"layer {l}" for l in range(L)],
+                                                  col_labels=[f"head {h}" for h in range(H)],
+                                                  title=f"{model}: attention on the first input"),
+                         caption="Rows: queries, columns: keys; brighter = more attention.")
+            l, h = divmod(int(share.argmax()), H)
+            T = min(first.size(-1), 32)
+            outcome.plot("strongest-neighbour-head", heatmap_grid([[first[l, h, :T, :T].numpy()]], tick_labels=labels[:T],
+                                                                   title=f"layer {l} head {h}", cell=5.0),
+                         caption=f"The head with the largest neighbour share ({share[l, h]:.2f}), first {T} tokens.")
+            outcome.table("neighbour-share", [{"layer": i, **{f"head {j}": round(share[i, j].item(), 3) for j in range(H)}}
+                                              for i in range(L)], caption="Mean attention on the adjacent token per head.")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@prediction(
+    "Early layers attend locally, later layers more broadly: mean attended distance is larger in the last layer than in the first",
+    metric="distance_last_minus_first", expect=greater_than(0),
+)
+def test_head_locality(request, model, outcome):
+    """Head comparison: attention entropy and mean attended distance per head.
+
+    For each head, the attention-weighted distance |query - key| (in tokens) and the
+    normalised entropy (1 = uniform over the visible keys, 0 = one key), averaged over
+    queries >= 1 and inputs as in test_heatmaps. distance_last_minus_first = mean over
+    heads of the last layer's distance minus the first layer's.
+    """
+    rows = []
+    for seed, m, inputs, _ in _cases(request, model):
+        pats = _pats(m, inputs)
+        dist = per_head(mean_distance, pats)
+        ent = per_head(entropy, pats, causal=_causal(m))
+        outcome.record("distance_last_minus_first", (dist[-1].mean() - dist[0].mean()).item(), seed=seed)
+        for l in range(dist.size(0)):
+            rows.append({"seed": seed, "layer": l, "distance": dist[l].mean().item(), "entropy": ent[l].mean().item()})
+        if seed in (None, 0):
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6.4, 4.0))
+            L = dist.size(0)
+            for l in range(L):
+                ax.scatter(dist[l].numpy(), ent[l].numpy(), label=f"layer {l}", color=plt.cm.viridis(l / max(L - 1, 1)))
+            ax.set_xlabel("mean attended distance (tokens)")
+            ax.set_ylabel("normalised entropy")
+            ax.set_title(f"{model}: one point per head")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            outcome.plot("heads", fig)
+    seeds = sorted({r["seed"] for r in rows}, key=lambda s: -1 if s is None else s)
+    layers = sorted({r["layer"] for r in rows})
+    mean = {k: [np.mean([r[k] for r in rows if r["layer"] == l]) for l in layers] for k in ("distance", "entropy")}
+    outcome.plot_lines("distance-by-layer", {"mean attended distance": (layers, mean["distance"])},
+                       xlabel="layer", ylabel="tokens", title=f"{model}: mean over heads" + (" and seeds" if len(seeds) > 1 else ""))
+    outcome.table("by-layer", [{"layer": l, "distance": round(mean["distance"][i], 2), "entropy": round(mean["entropy"][i], 3)}
+                               for i, l in enumerate(layers)])
+
+
+@pytest.mark.parametrize("model", MODELS)
+@prediction(
+    "Attention sinks: most heads (>= 50%) put at least 20% of their attention on the first token",
+    metric="sink_head_fraction", expect=at_least(0.5),
+)
+def test_attention_sink(request, model, outcome):
+    """Layer progression of attention, and attention sinks.
+
+    The share of attention on the first token (the baby GPT: whatever character a
+    window starts with; MiniLM: [CLS]), per head, averaged over queries >= 16 for the
+    baby GPT (uniform attention would give each key at most 1/17) and over all queries
+    >= 1 for MiniLM. sink_head_fraction = fraction of heads whose share is >= 0.2.
+    The plots follow the share, the entropy and the distance layer by layer.
+    """
+    curves = {}
+    for seed, m, inputs, _ in _cases(request, model):
+        pats = _pats(m, inputs)
+        min_q = SINK_MIN_QUERY if _causal(m) else 1
+        sink = per_head(key_share, pats, key=0, min_query=min_q)
+        outcome.record("sink_head_fraction", (sink >= 0.2).float().mean().item(), seed=seed)
+        outcome.record("first_token_share", sink.mean().item(), seed=seed)
+        curves[seed] = sink.mean(1).numpy()
+        if not _causal(m):
+            last = [p[..., -1].mean(dim=(1, 3)) for p in pats]  # [SEP], per (layer, head)
+            outcome.record("sep_share", torch.stack(last).mean().item())
+    layers = list(range(len(next(iter(curves.values())))))
+    T = inputs[0].size(1)
+    base = uniform_pattern(T, causal=_causal(m))
+    uniform = key_share(base, 0, min_query=SINK_MIN_QUERY if _causal(m) else 1).item()
+    lines = {("mean" if s is None else f"seed {s}"): (layers, c) for s, c in curves.items()}
+    outcome.plot("sink-by-layer", line_figure(lines, xlabel="layer", ylabel="attention on the first token",
+                                              title=f"{model}: mean over heads", hlines={"uniform attention": uniform}))
+    if not _causal(m):
+        outcome.note("sep_share: the mean attention on the final [SEP] token, the other sink BERT is known for.")
+
+
+@torch.no_grad()
+def _induction_losses(model, seqs, period):
+    """(first-repeat loss, second-repeat loss, per-position loss) of next-token prediction."""
+    logits = adapter(model).forward(seqs).float()
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), seqs[:, 1:].flatten(), reduction="none").view(seqs.size(0), -1)
+    per_pos = loss.mean(0)
+    # position t predicts token t+1: the first half's targets are random, the second's copies
+    return per_pos[: period - 1].mean().item(), per_pos[period : 2 * period - 1].mean().item(), per_pos.numpy()
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        pytest.param("trained", marks=[
+            prediction("A trained model has an induction head: some head scores >= 0.3 (attention from a repeated token to the token after its first occurrence)",
+                       metric="max_induction_score", expect=at_least(0.3)),
+            prediction("In-context copying: loss on the second repeat is at most half the loss on the first",
+                       metric="repeat_loss_ratio", expect=at_most(0.5)),
+        ]),
+        pytest.param("untrained", marks=[
+            prediction("Control: at initialisation no head is an induction head (max score < 0.1)",
+                       metric="max_induction_score", expect=at_most(0.1)),
+            prediction("Control: at initialisation the repeat does not help (loss ratio >= 0.9)",
+                       metric="repeat_loss_ratio", expect=at_least(0.9)),
+        ]),
+    ],
+)
+def test_induction_heads(lab, baby_runs, char_data, state, outcome):
+    """Induction heads on repeated random sequences.
+
+    Draw induction_batches sequences of induction_period uniformly random characters and
+    repeat each once (2 x period <= the context). Induction score of a head (Olsson et
+    al. 2022) = mean attention from each second-repeat token to the token right after
+    its first occurrence. repeat_loss_ratio = mean next-token loss on the second repeat /
+    on the first (random, so about ln V). The trained baby GPT against the same
+    architecture at initialisation (same seed), one model per seed.
+    """
+    s = lab.profile.inspect
+    per_pos = []
+    for seed, run in baby_runs.items():
+        if state == "trained":
+            model = run.model
+        else:
+            torch.manual_seed(seed)
+            model = GPT(run.model_config).eval()
+        seqs = repeated_random(s.induction_batches, s.induction_period, char_data.vocab_size, seed=1000 + seed)
+        pats = patterns(model, seqs)
+        score = per_head(induction_score, pats, period=s.induction_period)
+        first, second, curve = _induction_losses(model, seqs, s.induction_period)
+        outcome.record("max_induction_score", score.max().item(), seed=seed)
+        outcome.record("repeat_loss_ratio", second / first, seed=seed)
+        outcome.record("first_repeat_loss", first, seed=seed, unit="nats")
+        outcome.record("second_repeat_loss", second, seed=seed, unit="nats")
+        per_pos.append(curve)
+        if seed == lab.seeds[0]:
+            L, H = score.shape
+            outcome.table("induction-scores", [{"layer": l, **{f"head {h}": round(score[l, h].item(), 3) for h in range(H)}}
+                                               for l in range(L)], caption=f"Seed {seed}, {state}.")
+            l, h = divmod(int(score.argmax()), H)
+            outcome.plot("top-head", heatmap_grid([[pats[l, 0, h].numpy()]], title=f"layer {l} head {h} on one repeated sequence", cell=4.0),
+                         caption="An induction head shows as a stripe one above the diagonal offset by the period.")
+    xs = list(range(1, 2 * s.induction_period))
+    outcome.plot_lines("loss-by-position", {state: (xs, np.mean(per_pos, axis=0))}, xlabel="position of the predicted token",
+                       ylabel="loss (nats), mean over sequences and seeds", title=f"{state}: random sequence, then its repeat",
+                       hlines={"ln V (uniform guess)": float(np.log(char_data.vocab_size))})
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@prediction(
+    "Fine-tuning changes attention most in the last layer (where Track A found the weights move most)",
+    metric="last_minus_max_other", expect=greater_than(0),
+)
+def test_finetune_attention_shift(lab, ft_base, ft_runs, milton_data, method, outcome):
+    """Base vs fine-tuned attention (Track A's models).
+
+    Track A's base (Llama-style GQA, pretrained on Shakespeare, Hugging Face format) and
+    its Milton fine-tunes (full, or LoRA rank 8 merged), one per fine-tuning seed. On
+    n_windows windows of Milton's validation text, capture every layer's pattern in
+    both models and take the Jensen-Shannon divergence between them query by query
+    (nats; 0 = identical, ln 2 = disjoint), averaged per layer over heads, queries >= 1
+    and windows. last_minus_max_other = the last layer's divergence minus the largest
+    other layer's.
+    """
+    f = lab.profile.finetune
+    idx, _ = windows(milton_data.val, lab.profile.inspect.n_windows, f.base.block_size)
+    base = load_hf_causal_lm(ft_base)[0]
+    base_pats = patterns(base, idx)
+    runs = ft_runs(method="full") if method == "full" else ft_runs(method="lora", rank=8)
+    curves = {}
+    for seed, result in runs.items():
+        tuned = load_finetuned(result, merge=True)
+        js = torch.stack([js_divergence(base_pats[l], p).mean() for l, p in enumerate(patterns(tuned, idx))])
+        outcome.record("last_minus_max_other", (js[-1] - js[:-1].max()).item(), seed=seed)
+        outcome.record("mean_js", js.mean().item(), seed=seed, unit="nats")
+        curves[f"seed {seed}"] = (list(range(len(js))), js.numpy())
+    outcome.plot_lines("js-by-layer", curves, xlabel="layer", ylabel="JS divergence base vs fine-tuned (nats)",
+                       title=f"{method} fine-tuning on Milton")

@@ -1,0 +1,34 @@
+"""Looking inside models: hook points with one naming scheme (TransformerLens-like) for the
+lab's GPT, Hugging Face decoders and BERT encoders, and the analyses built on them."""
+
+from lab.inspect.hooks import (
+    FINAL,
+    POINTS,
+    ActivationCache,
+    HookError,
+    adapter,
+    capture,
+    check_length,
+    hook_names,
+    mean_ablation,
+    patch,
+    resolve,
+    run_with_cache,
+    zero_ablation,
+)
+
+__all__ = [
+    "FINAL",
+    "POINTS",
+    "ActivationCache",
+    "HookError",
+    "adapter",
+    "capture",
+    "check_length",
+    "hook_names",
+    "mean_ablation",
+    "patch",
+    "resolve",
+    "run_with_cache",
+    "zero_ablation",
+]
