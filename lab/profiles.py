@@ -278,9 +278,9 @@ PROFILES: dict[str, Profile] = {
             lr=1e-3, lrs=(1e-5, 2e-4, 1e-3, 5e-3), ranks=(8, 16, 32, 64), replay_fraction=0.25, bench_rounds=20,
         ),
         inspect=InspectScale(n_windows=64, probe_windows=48, induction_period=24, induction_batches=32, minilm_sentences=32),
-        bayes=BayesScale(n_values=10, hmm_states=5, hmm_symbols=5, hmm_length=12, n_layer=4, n_head=4, n_embd=64,
-                         batch_size=128, lr=2e-3, warmup_steps=100, bijection_steps=3000, hmm_steps=3000, mlp_depth=4,
-                         mlp_embd=8, eval_sequences=2000, kept_steps=(0, 25, 50, 100, 200, 400, 800, 1500, 3000)),
+        bayes=BayesScale(n_values=10, hmm_states=5, hmm_symbols=5, hmm_length=10, n_layer=4, n_head=4, n_embd=64,
+                         batch_size=64, lr=2e-3, warmup_steps=100, bijection_steps=2000, hmm_steps=1500, mlp_depth=4,
+                         mlp_embd=8, eval_sequences=1000, kept_steps=(0, 25, 50, 100, 200, 400, 700, 1000, 1500, 2000)),
     ),
     "gpu": Profile(
         name="gpu",

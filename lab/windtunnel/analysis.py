@@ -1,0 +1,218 @@
+"""Mechanism and geometry of a wind-tunnel transformer, through lab.inspect's hook points:
+which sub-layer does the posterior update (ablation, probes), key orthogonality,
+attention sharpening with depth, the entropy manifold, and training dynamics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lab.inspect import capture, mean_ablation, patch, zero_ablation
+from lab.inspect.residual import pca
+from lab.windtunnel.metrics import calibration, predict
+from lab.windtunnel.models import TunnelTransformer
+from lab.windtunnel.tasks import Batch
+
+
+def _check(model):
+    if not isinstance(model, TunnelTransformer):
+        raise ValueError(f"expected a TunnelTransformer, got {type(model).__name__}")
+    return model.gpt.config.n_layer
+
+
+@torch.no_grad()
+def ablation_mae(model: TunnelTransformer, batch: Batch, *, mode: str = "zero") -> dict[str, list[float]]:
+    """Entropy MAE (bits) with one sub-layer's write removed at a time:
+    {'clean': [mae], 'attn': [per layer], 'mlp': [per layer]}. 'mean' replaces the write
+    by its average over this batch's tokens instead of zeros."""
+    n_layer = _check(model)
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
+    names = [f"blocks.{i}.hook_{p}_out" for i in range(n_layer) for p in ("attn", "mlp")]
+    means = {}
+    if mode == "mean":
+        with capture(model.gpt, names) as cache:
+            predict(model, batch.tokens)
+        means = {n: cache[n].float().mean(dim=(0, 1)) for n in names}
+    out = {"clean": [calibration(predict(model, batch.tokens), batch).entropy_mae], "attn": [], "mlp": []}
+    for part in ("attn", "mlp"):
+        for i in range(n_layer):
+            name = f"blocks.{i}.hook_{part}_out"
+            with patch(model.gpt, {name: zero_ablation if mode == "zero" else mean_ablation(means[name])}):
+                out[part].append(calibration(predict(model, batch.tokens), batch).entropy_mae)
+    return out
+
+
+def stream_points(n_layer: int) -> list[str]:
+    """The stream before block 0, then after attention and after the FFN of every block."""
+    names = ["blocks.0.hook_resid_pre"]
+    for i in range(n_layer):
+        names += [f"blocks.{i}.hook_resid_mid", f"blocks.{i}.hook_resid_post"]
+    return names
+
+
+@torch.no_grad()
+def streams_at_positions(model: TunnelTransformer, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """{hook name: (n * P, d)} the stream at the task's scored positions."""
+    _check(model)
+    with capture(model.gpt, names) as cache:
+        predict(model, tokens)
+    pos = model.positions
+    return {n: cache[n][:, pos].reshape(-1, cache[n].size(-1)).float() for n in names}
+
+
+def ridge_r2(x: torch.Tensor, y: torch.Tensor, *, train_fraction: float = 0.5, alpha: float = 1e-2) -> float:
+    """Held-out R^2 of a ridge regression of y (n,) on x (n, d), features standardised on the
+    training half (rows are split in order: pass them shuffled or i.i.d.)."""
+    n = len(y)
+    k = int(n * train_fraction)
+    if k < 2 or n - k < 2:
+        raise ValueError(f"need at least 4 rows for a train/test split, got {n}")
+    x, y = x.double(), y.double()
+    mu, sd = x[:k].mean(0), x[:k].std(0).clamp_min(1e-8)
+    z = (x - mu) / sd
+    z = torch.cat([z, torch.ones(n, 1, dtype=z.dtype)], dim=1)
+    a = z[:k].T @ z[:k] + alpha * k * torch.eye(z.size(1), dtype=z.dtype)
+    w = torch.linalg.solve(a, z[:k].T @ y[:k])
+    pred = z[k:] @ w
+    resid = ((y[k:] - pred) ** 2).sum()
+    total = ((y[k:] - y[k:].mean()) ** 2).sum().clamp_min(1e-12)
+    return (1 - resid / total).item()
+
+
+def entropy_probe(model: TunnelTransformer, batch: Batch) -> dict[str, float]:
+    """{hook name: held-out R^2 of a linear probe for the Bayes posterior entropy} at every
+    point of the stream (before block 0, after each attention, after each FFN)."""
+    names = stream_points(_check(model))
+    feats = streams_at_positions(model, batch.tokens, names)
+    y = batch.entropy.reshape(-1)
+    return {n: ridge_r2(feats[n], y) for n in names}
+
+
+def update_gains(r2: dict[str, float], n_layer: int) -> tuple[float, float]:
+    """(sum over blocks of the R^2 gained across attention, ... across the FFN)."""
+    attn = ffn = 0.0
+    before = r2["blocks.0.hook_resid_pre"]
+    for i in range(n_layer):
+        mid, post = r2[f"blocks.{i}.hook_resid_mid"], r2[f"blocks.{i}.hook_resid_post"]
+        attn += mid - before
+        ffn += post - mid
+        before = post
+    return attn, ffn
+
+
+@torch.no_grad()
+def key_orthogonality(model: TunnelTransformer, token_ids: torch.Tensor, layer: int = 0) -> float:
+    """Mean |cosine| between the keys that layer `layer`'s heads compute for the given tokens
+    (their embeddings through ln_1 and W_K; positions left out, as in the authors' code),
+    over distinct token pairs, averaged over heads."""
+    _check(model)
+    gpt = model.gpt
+    block = gpt.blocks[layer]
+    x = block.ln_1(gpt.wte(token_ids))
+    hd, nq, nkv = gpt.config.head_dim, gpt.config.n_head, gpt.config.kv_heads
+    k = block.attn.c_attn(x)[:, nq * hd : (nq + nkv) * hd].view(len(token_ids), nkv, hd)
+    k = F.normalize(k.float(), dim=-1).transpose(0, 1)  # (heads, n, hd)
+    cos = (k @ k.transpose(1, 2)).abs()
+    n = len(token_ids)
+    off = ~torch.eye(n, dtype=torch.bool)
+    return cos[:, off].mean().item()
+
+
+def random_cosine_baseline(dim: int) -> float:
+    """E|cos| between two random directions in `dim` dimensions (about sqrt(2 / (pi dim)))."""
+    return math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)
+
+
+@torch.no_grad()
+def attention_entropy_by_layer(model: TunnelTransformer, tokens: torch.Tensor) -> list[float]:
+    """Mean attention entropy (bits) of each layer's heads at the scored positions."""
+    n_layer = _check(model)
+    with capture(model.gpt, "blocks.*.attn.hook_pattern") as cache:
+        predict(model, tokens)
+    out = []
+    for i in range(n_layer):
+        p = cache[f"blocks.{i}.attn.hook_pattern"][:, :, model.positions].double()  # (n, H, P, T)
+        h = -(p * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum(-1)
+        out.append(h.mean().item())
+    return out
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    # average ties
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    return (sums / counts)[inv]
+
+
+def spearman(a, b) -> float:
+    a, b = _rank(np.asarray(a, dtype=float)), _rank(np.asarray(b, dtype=float))
+    if a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def manifold(model: TunnelTransformer, batch: Batch, point: str | None = None) -> dict:
+    """PCA of the stream at the scored positions (default: after the last block) against the
+    Bayes entropy: PC1's variance share, |Spearman rho(PC1, H)|, and the same rho within
+    each position (entropy that is a function of position alone would give no within-
+    position signal), averaged over positions where H varies."""
+    n_layer = _check(model)
+    point = point or f"blocks.{n_layer - 1}.hook_resid_post"
+    x = streams_at_positions(model, batch.tokens, [point])[point]
+    h = batch.entropy.reshape(-1).numpy()
+    fit = pca(x)
+    pc = fit.project(x, 2).numpy()
+    P = len(model.positions)
+    pos = np.tile(np.arange(P), batch.tokens.size(0))
+    within = [abs(spearman(pc[pos == p, 0], h[pos == p])) for p in range(P) if np.std(h[pos == p]) > 0]
+    return {
+        "pc1_share": fit.explained[0].item(),
+        "rho": abs(spearman(pc[:, 0], h)),
+        "rho_within_position": float(np.mean(within)) if within else float("nan"),
+        "points": pc,
+        "entropy": h,
+    }
+
+
+@torch.no_grad()
+def attention_drift(model_a: TunnelTransformer, model_b: TunnelTransformer, tokens: torch.Tensor) -> float:
+    """Mean Jensen-Shannon divergence (nats) between two models' attention patterns on the
+    same tokens, at the scored positions, over layers and heads."""
+    pats = []
+    for m in (model_a, model_b):
+        with capture(m.gpt, "blocks.*.attn.hook_pattern") as cache:
+            predict(m, tokens)
+        pats.append(cache.stack("attn.hook_pattern")[:, :, :, m.positions])  # (L, n, H, P, T)
+    a, b = pats
+    m = 0.5 * (a + b)
+
+    def kl(p, q):
+        return (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1)
+
+    return (0.5 * kl(a, m) + 0.5 * kl(b, m)).mean().item()
+
+
+def frame_step(drifts: dict[int, float], fraction: float = 0.1) -> int:
+    """The first kept step whose attention drift to the final model is at most `fraction` of
+    the drift at initialisation (step 0): when the attention frame has settled."""
+    if 0 not in drifts:
+        raise ValueError("drifts must include step 0 (initialisation)")
+    limit = fraction * drifts[0]
+    for step in sorted(drifts):
+        if drifts[step] <= limit:
+            return step
+    return max(drifts)
+
+
+__all__ = [
+    "ablation_mae", "attention_drift", "attention_entropy_by_layer", "entropy_probe", "frame_step",
+    "key_orthogonality", "manifold", "random_cosine_baseline", "ridge_r2", "spearman",
+    "stream_points", "streams_at_positions", "update_gains",
+]
