@@ -104,6 +104,63 @@ class FinetuneScale:
 
 
 @dataclass(frozen=True)
+class TokenizationScale:
+    """Sizes for curriculum 01 (tokenization and embeddings)."""
+
+    vocab_sizes: tuple[int, ...]  # BPE vocabularies of the compression curve (256 = bytes only)
+    split_vocab: int  # the lab BPE compared with cl100k on rare words and numbers
+    n_group: int  # rarest / most frequent characters compared in the embedding
+    n_table: int  # frequent characters whose nearest neighbours are tabled
+    k_neighbours: int
+
+
+@dataclass(frozen=True)
+class QuantizationScale:
+    """Sizes for curriculum 14 (quantization of the inference hypotheses' trained
+    Llama-style GQA model)."""
+
+    eval_batches: int  # fixed validation batches every loss averages over
+    eval_batch_size: int
+    qat_steps: int  # fine-tuning updates, QAT and its plain control alike
+    qat_lr: float  # peak AdamW lr (the base trained at profile.pretraining.lr, decayed to 10%)
+    qat_warmup_steps: int
+    qat_batch_size: int
+
+
+@dataclass(frozen=True)
+class SyntheticScale:
+    """Sizes for curriculum 16 (synthetic data, model collapse)."""
+
+    model: ModelScale  # every generation's GPT, trained from scratch
+    batch_size: int
+    steps: int  # optimizer steps per generation
+    lr: float
+    warmup_steps: int
+    generations: int  # gen 0 (real text) plus generations - 1 trained on samples
+    n_chars: int  # training text per generation (gen 0: that much real text)
+    sample_chars: int  # characters of each generation's sample measured for diversity
+    n_streams: int  # parallel sampling streams
+    val_fraction: float  # tail of each training text the trainer validates on
+    train_eval_batches: int  # the trainer's own evaluation (on the generation's text)
+    eval_batches: int  # fixed batches of the real validation split every generation is scored on
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class ScalingScale:
+    """Sizes for curriculum 13 (scaling laws): a family of small GPTs (GPT-2 layout) on
+    char-level tiny Shakespeare, every size trained at every data budget for every seed,
+    each run with its own warmup + cosine schedule ending at its budget."""
+
+    sizes: tuple[ModelScale, ...]  # >= 5 sizes, smallest first, one block_size for all
+    budgets: tuple[int, ...]  # optimizer steps per run, ascending; tokens D = steps * batch_size * block_size
+    batch_size: int
+    lr: float  # peak AdamW lr, the same for every size (10% warmup, cosine to 10%)
+    eval_batches: int  # fixed validation batches the final loss averages over
+    n_boot: int  # bootstrap resamples behind each fit's intervals
+
+
+@dataclass(frozen=True)
 class InspectScale:
     """Sizes for Tracks B and C (attention and residual-stream inspection). They look inside
     models other hypotheses train (the baby GPT, Track A's base and fine-tuned models) and
@@ -151,6 +208,10 @@ class Profile:
     finetune: FinetuneScale
     inspect: InspectScale
     bayes: BayesScale
+    tokenization: TokenizationScale
+    quantization: QuantizationScale
+    synthetic: SyntheticScale
+    scaling: ScalingScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -221,6 +282,18 @@ PROFILES: dict[str, Profile] = {
         bayes=BayesScale(n_values=5, hmm_states=3, hmm_symbols=3, hmm_length=4, n_layer=2, n_head=2, n_embd=16,
                          batch_size=16, lr=3e-3, warmup_steps=5, bijection_steps=30, hmm_steps=30, mlp_depth=2,
                          mlp_embd=4, eval_sequences=64, kept_steps=(0, 5, 10, 20, 30)),
+        tokenization=TokenizationScale(vocab_sizes=(256, 300, 400), split_vocab=300, n_group=10, n_table=6, k_neighbours=3),
+        quantization=QuantizationScale(eval_batches=2, eval_batch_size=8, qat_steps=6, qat_lr=1e-3, qat_warmup_steps=0,
+                                       qat_batch_size=4),
+        synthetic=SyntheticScale(
+            model=ModelScale(n_layer=1, n_head=2, n_embd=32, block_size=32), batch_size=8, steps=20, lr=3e-3,
+            warmup_steps=2, generations=3, n_chars=12_000, sample_chars=3_000, n_streams=32, val_fraction=0.05,
+            train_eval_batches=1, eval_batches=3, eval_batch_size=8,
+        ),
+        scaling=ScalingScale(
+            sizes=tuple(ModelScale(n_layer=1, n_head=2, n_embd=d, block_size=16) for d in (8, 12, 16, 24, 32)),
+            budgets=(6, 12, 24), batch_size=4, lr=3e-3, eval_batches=2, n_boot=20,
+        ),
     ),
     "cpu": Profile(
         name="cpu",
@@ -281,6 +354,25 @@ PROFILES: dict[str, Profile] = {
         bayes=BayesScale(n_values=10, hmm_states=5, hmm_symbols=5, hmm_length=10, n_layer=4, n_head=4, n_embd=64,
                          batch_size=64, lr=2e-3, warmup_steps=100, bijection_steps=2000, hmm_steps=1500, mlp_depth=4,
                          mlp_embd=8, eval_sequences=1000, kept_steps=(0, 25, 50, 100, 200, 400, 700, 1000, 1500, 2000)),
+        tokenization=TokenizationScale(vocab_sizes=(256, 512, 1024, 2048, 4096, 8192, 16384), split_vocab=1024,
+                                       n_group=10, n_table=12, k_neighbours=3),
+        quantization=QuantizationScale(eval_batches=40, eval_batch_size=32, qat_steps=200, qat_lr=3e-4,
+                                       qat_warmup_steps=20, qat_batch_size=16),
+        synthetic=SyntheticScale(
+            model=ModelScale(n_layer=2, n_head=4, n_embd=64, block_size=64), batch_size=32, steps=250, lr=3e-3,
+            warmup_steps=25, generations=4, n_chars=150_000, sample_chars=40_000, n_streams=256, val_fraction=0.05,
+            train_eval_batches=4, eval_batches=40, eval_batch_size=32,
+        ),
+        scaling=ScalingScale(
+            sizes=(
+                ModelScale(n_layer=2, n_head=2, n_embd=16, block_size=64),
+                ModelScale(n_layer=2, n_head=2, n_embd=32, block_size=64),
+                ModelScale(n_layer=3, n_head=3, n_embd=48, block_size=64),
+                ModelScale(n_layer=3, n_head=4, n_embd=64, block_size=64),
+                ModelScale(n_layer=4, n_head=4, n_embd=96, block_size=64),
+            ),
+            budgets=(100, 250, 600), batch_size=12, lr=2e-3, eval_batches=20, n_boot=500,
+        ),
     ),
     "gpu": Profile(
         name="gpu",
@@ -342,6 +434,27 @@ PROFILES: dict[str, Profile] = {
                          batch_size=256, lr=3e-4, warmup_steps=2000, bijection_steps=50000, hmm_steps=30000, mlp_depth=8,
                          mlp_embd=16, eval_sequences=5000,
                          kept_steps=(0, 100, 200, 300, 500, 1000, 2000, 3000, 5000, 10000, 20000, 30000, 50000)),
+        tokenization=TokenizationScale(vocab_sizes=(256, 512, 1024, 2048, 4096, 8192, 16384), split_vocab=2048,
+                                       n_group=10, n_table=12, k_neighbours=3),
+        quantization=QuantizationScale(eval_batches=100, eval_batch_size=64, qat_steps=600, qat_lr=3e-4,
+                                       qat_warmup_steps=60, qat_batch_size=32),
+        synthetic=SyntheticScale(
+            model=ModelScale(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=64, steps=1000, lr=2e-3,
+            warmup_steps=100, generations=6, n_chars=400_000, sample_chars=100_000, n_streams=512, val_fraction=0.05,
+            train_eval_batches=10, eval_batches=50, eval_batch_size=64,
+        ),
+        scaling=ScalingScale(
+            sizes=(
+                ModelScale(n_layer=2, n_head=2, n_embd=32, block_size=128),
+                ModelScale(n_layer=3, n_head=3, n_embd=48, block_size=128),
+                ModelScale(n_layer=3, n_head=4, n_embd=64, block_size=128),
+                ModelScale(n_layer=4, n_head=4, n_embd=96, block_size=128),
+                ModelScale(n_layer=4, n_head=4, n_embd=128, block_size=128),
+                ModelScale(n_layer=5, n_head=6, n_embd=192, block_size=128),
+                ModelScale(n_layer=6, n_head=8, n_embd=256, block_size=128),
+            ),
+            budgets=(125, 250, 500, 1000), batch_size=32, lr=2e-3, eval_batches=50, n_boot=1000,
+        ),
     ),
 }
 
