@@ -161,6 +161,43 @@ class ScalingScale:
 
 
 @dataclass(frozen=True)
+class InferenceStacksScale:
+    """Sizes for curriculum 15. The speed model is the inference hypotheses' random-init
+    Llama-style decode model (profile.inference.llama, n_head KV heads); the greedy-token
+    check uses the trained Llama-style models (one per seed)."""
+
+    prompt_lens: tuple[int, ...]  # first-token latency at these prompt lengths (ascending)
+    new_tokens: int  # decode throughput: greedy tokens after the shortest prompt
+    rounds: int  # benchmark rounds and timing rounds per hypothesis (one sample each)
+    agreement_prompts: int  # validation prompts per seed for the greedy-token check
+    compile_backend: str  # torch.compile backend of the torch-compile stack
+
+
+@dataclass(frozen=True)
+class PosttrainScale:
+    """Sizes for curriculum 12 (post-training the profile's baby GPT, one per seed)."""
+
+    sft_examples: int  # (prompt, word) pairs drawn from the training prefixes' words
+    sft_steps: int
+    sft_batch_size: int
+    sft_lr: float  # constant AdamW lr (the base was pretrained at profile.pretraining.lr)
+    max_new_tokens: int  # sampled characters per answer (the longest word + newline fits)
+    pair_prompts: int  # training prompts per round of pair sampling (2 samples each, ties dropped)
+    rm_eval_prompts: int  # held-out prompts whose pairs test the reward model
+    rm_sizes: tuple[int, ...]  # training pairs per reward model, ascending; the largest set also trains DPO
+    rm_steps: int  # the same optimizer steps for every size
+    rm_batch_size: int
+    rm_lr: float
+    dpo_betas: tuple[float, ...]  # descending
+    dpo_beta: float  # the score hypothesis' beta (one of dpo_betas; its prediction says 0.1)
+    dpo_steps: int
+    dpo_batch_size: int
+    dpo_lr: float
+    eval_prompts: int  # held-out prompts (one sample each) behind every score, format and KL number
+    example_rows: int  # rows of the example-completions table
+
+
+@dataclass(frozen=True)
 class InspectScale:
     """Sizes for Tracks B and C (attention and residual-stream inspection). They look inside
     models other hypotheses train (the baby GPT, Track A's base and fine-tuned models) and
@@ -211,6 +248,8 @@ class Profile:
     tokenization: TokenizationScale
     quantization: QuantizationScale
     synthetic: SyntheticScale
+    posttrain: PosttrainScale
+    inference_stacks: InferenceStacksScale
     scaling: ScalingScale
     description: str = ""
     extra: dict = field(default_factory=dict)
@@ -290,6 +329,14 @@ PROFILES: dict[str, Profile] = {
             warmup_steps=2, generations=3, n_chars=12_000, sample_chars=3_000, n_streams=32, val_fraction=0.05,
             train_eval_batches=1, eval_batches=3, eval_batch_size=8,
         ),
+        posttrain=PosttrainScale(
+            sft_examples=256, sft_steps=6, sft_batch_size=8, sft_lr=1e-3, max_new_tokens=12, pair_prompts=48,
+            rm_eval_prompts=24, rm_sizes=(8, 24), rm_steps=3, rm_batch_size=4, rm_lr=3e-4,
+            dpo_betas=(0.5, 0.1, 0.02), dpo_beta=0.1, dpo_steps=3, dpo_batch_size=4, dpo_lr=1e-4,
+            eval_prompts=24, example_rows=4,
+        ),
+        inference_stacks=InferenceStacksScale(prompt_lens=(4, 16), new_tokens=8, rounds=2, agreement_prompts=2,
+            compile_backend="eager"),
         scaling=ScalingScale(
             sizes=tuple(ModelScale(n_layer=1, n_head=2, n_embd=d, block_size=16) for d in (8, 12, 16, 24, 32)),
             budgets=(6, 12, 24), batch_size=4, lr=3e-3, eval_batches=2, n_boot=20,
@@ -363,6 +410,14 @@ PROFILES: dict[str, Profile] = {
             warmup_steps=25, generations=4, n_chars=150_000, sample_chars=40_000, n_streams=256, val_fraction=0.05,
             train_eval_batches=4, eval_batches=40, eval_batch_size=32,
         ),
+        posttrain=PosttrainScale(
+            sft_examples=4096, sft_steps=300, sft_batch_size=32, sft_lr=1e-3, max_new_tokens=12, pair_prompts=1024,
+            rm_eval_prompts=512, rm_sizes=(16, 64, 256, 768), rm_steps=100, rm_batch_size=16, rm_lr=3e-4,
+            dpo_betas=(0.5, 0.1, 0.02), dpo_beta=0.1, dpo_steps=100, dpo_batch_size=16, dpo_lr=1e-4,
+            eval_prompts=512, example_rows=8,
+        ),
+        inference_stacks=InferenceStacksScale(prompt_lens=(16, 128, 512), new_tokens=128, rounds=5, agreement_prompts=4,
+            compile_backend="inductor"),
         scaling=ScalingScale(
             sizes=(
                 ModelScale(n_layer=2, n_head=2, n_embd=16, block_size=64),
@@ -443,6 +498,14 @@ PROFILES: dict[str, Profile] = {
             warmup_steps=100, generations=6, n_chars=400_000, sample_chars=100_000, n_streams=512, val_fraction=0.05,
             train_eval_batches=10, eval_batches=50, eval_batch_size=64,
         ),
+        posttrain=PosttrainScale(
+            sft_examples=16384, sft_steps=1000, sft_batch_size=64, sft_lr=5e-4, max_new_tokens=12, pair_prompts=4096,
+            rm_eval_prompts=2048, rm_sizes=(16, 64, 256, 1024, 3072), rm_steps=300, rm_batch_size=32, rm_lr=1e-4,
+            dpo_betas=(0.5, 0.2, 0.1, 0.05, 0.02), dpo_beta=0.1, dpo_steps=300, dpo_batch_size=32, dpo_lr=5e-5,
+            eval_prompts=2048, example_rows=10,
+        ),
+        inference_stacks=InferenceStacksScale(prompt_lens=(16, 256, 1024, 2048), new_tokens=512, rounds=5, agreement_prompts=4,
+            compile_backend="inductor"),
         scaling=ScalingScale(
             sizes=(
                 ModelScale(n_layer=2, n_head=2, n_embd=32, block_size=128),

@@ -1,0 +1,294 @@
+"""Curriculum 15: inference stacks — the same weights decoded greedily by the lab's
+`GPT.generate`, Hugging Face `generate` (dynamic cache, static cache) and the static-cache
+decode step compiled with torch.compile, plus vLLM and ExLlamaV2 where they install (CUDA
+only). Correctness first (identical greedy tokens), then first-token latency and decode
+throughput side by side with pytest-benchmark."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lab.report import at_least, at_most, greater_than, prediction
+from lab.stacks import STACK_NAMES, build_stacks, compare_greedy, random_prompt
+
+pytestmark = [pytest.mark.curriculum, pytest.mark.m15_inference_stacks]
+
+OTHERS = tuple(n for n in STACK_NAMES if n != "lab")  # compared against the lab's tokens
+
+
+
+
+def _scale(lab):
+    return lab.profile.inference_stacks
+
+
+def _max_len(s) -> int:
+    """Tokens the static caches hold: the longest request of the module."""
+    return max(max(s.prompt_lens) + 1, min(s.prompt_lens) + s.new_tokens)
+
+
+def _warm_rounds(calls: list, rounds: int) -> list:
+    """The timed rounds of a benchmark.pedantic target's results (its warm-up dropped); one
+    call when benchmarking is disabled (xdist, --benchmark-disable)."""
+    return calls[-rounds:]
+
+
+def _benchmark_median(benchmark) -> float | None:
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    return None if stats is None else stats.median
+
+
+class StacksBench:
+    """The stacks over the decode model's weights (built and compiled once per module) and
+    the prompts every speed measurement uses."""
+
+    def __init__(self, lab, decode_model):
+        self.lab, self.s = lab, _scale(lab)
+        model = copy.deepcopy(decode_model(lab.profile.inference.llama.n_head)).to(lab.device).eval()
+        need = _max_len(self.s)
+        if need > model.config.block_size:
+            raise ValueError(f"the decode model's context ({model.config.block_size}) is shorter than the "
+                             f"longest request ({need}): lower InferenceStacksScale.prompt_lens / new_tokens")
+        self.stacks = build_stacks(model, max_len=need, compile_backend=self.s.compile_backend)
+        self.prompt = random_prompt(max(self.s.prompt_lens), model.config.vocab_size, seed=0)
+
+    def stack(self, name):
+        st = self.stacks[name]
+        if not st.available:
+            pytest.skip(f"{name}: {st.reason}")
+        return st
+
+    def prompt_of(self, length: int) -> torch.Tensor:
+        return self.prompt[:, :length]
+
+    @property
+    def short(self) -> torch.Tensor:
+        return self.prompt_of(min(self.s.prompt_lens))
+
+    def decode_group(self) -> str:
+        return f"Inference stacks: greedy decode of {self.s.new_tokens} tokens after a {min(self.s.prompt_lens)}-token prompt"
+
+    @staticmethod
+    def ttft_group(length: int) -> str:
+        return f"Inference stacks: first-token latency, {length}-token prompt"
+
+
+@pytest.fixture(scope="module")
+def bench(lab, decode_model):
+    return StacksBench(lab, decode_model)
+
+
+@pytest.fixture(scope="module")
+def trained_stacks(lab, llama_runs):
+    """trained_stacks(seed) -> {name: Stack} over the seed's trained Llama-style model."""
+    built = {}
+
+    def get(seed):
+        if seed not in built:
+            model = copy.deepcopy(llama_runs(lab.profile.inference.llama.n_head, seed).model).to(lab.device).eval()
+            built[seed] = build_stacks(model, compile_backend=_scale(lab).compile_backend)
+        return built[seed]
+
+    return get
+
+
+# ------------------------------------------------------------------ benchmarks
+
+
+@pytest.mark.parametrize("length_index", [0, 1, 2, 3], ids=lambda i: f"prompt{i}")
+@pytest.mark.parametrize("stack", STACK_NAMES)
+def test_first_token_benchmark(lab, bench, benchmark, outcome, stack, length_index):
+    """First-token latency per stack: prefill plus one greedy token.
+
+    Every stack decodes one token greedily after the same random prompt, at each of the
+    profile's prompt lengths (16, 128 and 512 tokens on the cpu profile), on the same
+    random-init Llama-style weights (the Hugging Face stacks on its export). Timed with
+    pytest-benchmark, one warm-up round, then the profile's rounds; each round is one sample.
+    """
+    lengths = bench.s.prompt_lens
+    if length_index >= len(lengths):
+        pytest.skip(f"the {lab.profile.name} profile has only {len(lengths)} prompt lengths")
+    st, n = bench.stack(stack), lengths[length_index]
+    prompt = bench.prompt_of(n)
+    benchmark.group = bench.ttft_group(n)
+    calls = []
+    benchmark.pedantic(lambda: calls.append(st.decode(prompt, 1)), rounds=bench.s.rounds, iterations=1, warmup_rounds=1)
+    runs = _warm_rounds(calls, bench.s.rounds)
+    for rnd, r in enumerate(runs):
+        outcome.record("first_token_ms", 1e3 * r.first_token_s, seed=rnd, unit="ms")
+    median = _benchmark_median(benchmark)
+    if median is not None:
+        outcome.record("benchmark_median_ms", 1e3 * median, unit="ms")
+    benchmark.extra_info.update(stack=stack, prompt_tokens=n, first_token_ms=round(1e3 * runs[-1].first_token_s, 2))
+    outcome.note(f"{st.description}; 'seed' indexes the benchmark round")
+    outcome.cite_benchmark(benchmark.group)
+
+
+@pytest.mark.parametrize("stack", STACK_NAMES)
+def test_decode_benchmark(lab, bench, benchmark, outcome, stack):
+    """Greedy decode throughput per stack.
+
+    Every stack greedily decodes the profile's new tokens (128 on the cpu profile) after
+    the shortest prompt, on the same weights. tokens/s counts the tokens after the first
+    over their time (the prefill is excluded). The static caches hold the module's longest
+    request. Timed with pytest-benchmark, one warm-up round, then the profile's rounds.
+    """
+    st, n = bench.stack(stack), bench.s.new_tokens
+    benchmark.group = bench.decode_group()
+    calls = []
+    benchmark.pedantic(lambda: calls.append(st.decode(bench.short, n)), rounds=bench.s.rounds, iterations=1, warmup_rounds=1)
+    runs = _warm_rounds(calls, bench.s.rounds)
+    for rnd, r in enumerate(runs):
+        outcome.record("tokens_per_s", r.tokens_per_s, seed=rnd, unit="tokens/s")
+        outcome.record("first_token_ms", 1e3 * r.first_token_s, seed=rnd, unit="ms")
+    median = _benchmark_median(benchmark)
+    if median is not None:
+        outcome.record("benchmark_median_s", median, unit="s")
+        outcome.record("benchmark_tokens_per_s", n / median, unit="tokens/s")
+    benchmark.extra_info.update(stack=stack, new_tokens=n, tokens_per_s=round(runs[-1].tokens_per_s, 1))
+    outcome.note(f"{st.description}; 'seed' indexes the benchmark round")
+    outcome.cite_benchmark(benchmark.group)
+
+
+# ------------------------------------------------------------------ correctness
+
+
+@prediction(
+    "{stack} produces exactly the lab model's greedy tokens on the same trained weights (no prompt differs)",
+    metric="mismatched_sequences", expect=at_most(0),
+)
+@pytest.mark.parametrize("stack", OTHERS)
+def test_greedy_tokens_identical(lab, char_data, trained_stacks, outcome, stack):
+    """Correctness before speed: every stack decodes the same greedy tokens.
+
+    For each seed's trained Llama-style char model (profile.inference), take the profile's
+    validation prompts (profile.inference.prompt_len characters at fixed random offsets)
+    and decode greedily to the end of the model's context with the lab's GPT.generate and
+    with the stack. mismatched_sequences counts the (seed, prompt) pairs whose new tokens
+    differ anywhere: exact, so one mismatch refutes. agreement (per seed) is the share of
+    prompts that match; the first differing position is tabled. Float rounding differs
+    between the stacks (fused kernels, another attention implementation), so a near tie
+    may flip a token.
+    """
+    s, inf = _scale(lab), lab.profile.inference
+    val = char_data.val
+    g = np.random.default_rng(1234)
+    starts = g.integers(0, len(val) - inf.prompt_len, size=s.agreement_prompts)
+    prompts = [torch.from_numpy(val[a:a + inf.prompt_len].astype(np.int64))[None] for a in starts]
+    rows, mismatched = [], 0
+    for seed in lab.seeds:
+        stacks = trained_stacks(seed)
+        if not stacks[stack].available:
+            pytest.skip(f"{stack}: {stacks[stack].reason}")
+        n_new = inf.llama.block_size - inf.prompt_len
+        cmp = compare_greedy({"lab": stacks["lab"], stack: stacks[stack]}, prompts, n_new)[stack]
+        outcome.record("agreement", cmp.agreement, seed=seed)
+        mismatched += cmp.sequences - cmp.identical
+        ref = cmp.reference_tokens
+        outcome.record("distinct_new_tokens", float(np.mean([len(set(t)) for t in ref])), seed=seed)
+        rows += [{"seed": seed, "prompt": i, "first mismatch": "none" if f is None else f,
+                  "lab text": char_data.tokenizer.decode(ref[i])[:40]} for i, f in enumerate(cmp.first_mismatch)]
+    outcome.record("mismatched_sequences", mismatched)
+    outcome.table("first_mismatch", rows, caption=f"{n_new} new tokens per prompt; first index where {stack} differs")
+
+
+# ------------------------------------------------------------------ speed hypotheses
+
+
+def _interleaved_tps(bench, names, rounds) -> dict[str, list[float]]:
+    """Decode tokens/s of each stack, one sample per round, the stacks interleaved within a
+    round (one untimed warm-up call each first)."""
+    stacks = {n: bench.stack(n) for n in names}
+    for st in stacks.values():
+        st.decode(bench.short, 2)
+    out = {n: [] for n in names}
+    for _ in range(rounds):
+        for n, st in stacks.items():
+            out[n].append(st.decode(bench.short, bench.s.new_tokens).tokens_per_s)
+    return out
+
+
+@prediction(
+    "Without compile, Hugging Face's static cache decodes at least as fast as its dynamic cache",
+    metric="static_over_dynamic", expect=at_least(1.0),
+)
+def test_static_vs_dynamic_cache(lab, bench, outcome):
+    """HF static cache vs dynamic cache, both uncompiled, same weights.
+
+    Greedily decode the profile's new tokens after the shortest prompt with transformers
+    generate, eager attention, with the default dynamic cache (hf-eager) and with
+    cache_implementation="static" sized for the module's longest request (hf-static),
+    interleaved for the profile's rounds. The statistic is the static / dynamic tokens/s
+    ratio per round. A static cache preallocates and writes in place but attends over all
+    its slots (masked) every step; its designed payoff is a fixed shape for torch.compile.
+    """
+    tps = _interleaved_tps(bench, ("hf-eager", "hf-static"), bench.s.rounds)
+    for rnd, (d, st) in enumerate(zip(tps["hf-eager"], tps["hf-static"])):
+        outcome.record("static_over_dynamic", st / d, seed=rnd)
+        outcome.record("dynamic_tokens_per_s", d, seed=rnd, unit="tokens/s")
+        outcome.record("static_tokens_per_s", st, seed=rnd, unit="tokens/s")
+    outcome.note(f"static cache of {_max_len(bench.s)} tokens; 'seed' indexes the timing round")
+    outcome.cite_benchmark(bench.decode_group())
+
+
+@prediction(
+    "torch.compile of the static-cache decode step decodes >= 1.2x faster than the same stack uncompiled, after warm-up",
+    metric="compiled_over_static", expect=at_least(1.2),
+)
+@prediction(
+    "torch.compile (static cache) decodes >= 1.2x faster than eager Hugging Face generate with its dynamic cache",
+    metric="compiled_over_eager", expect=at_least(1.2),
+)
+def test_compile_speedup(lab, bench, outcome):
+    """What torch.compile buys at decode time, after its compile (warm-up excluded).
+
+    Greedily decode the profile's new tokens after the shortest prompt with hf-eager
+    (dynamic cache), hf-static (static cache, uncompiled) and torch-compile (the same
+    static cache, transformers compiling the per-token forward with torch.compile; the
+    prefill stays eager), interleaved for the profile's rounds after one untimed call each
+    (the compile itself happened when the stack was built). The statistics are
+    tokens/s ratios per round. The cpu profile compiles with inductor; smoke with the
+    "eager" backend, which only traces.
+    """
+    tps = _interleaved_tps(bench, ("hf-eager", "hf-static", "torch-compile"), bench.s.rounds)
+    for rnd in range(bench.s.rounds):
+        c = tps["torch-compile"][rnd]
+        outcome.record("compiled_over_static", c / tps["hf-static"][rnd], seed=rnd)
+        outcome.record("compiled_over_eager", c / tps["hf-eager"][rnd], seed=rnd)
+        outcome.record("compiled_tokens_per_s", c, seed=rnd, unit="tokens/s")
+    outcome.note(f"torch.compile backend {bench.s.compile_backend!r}; 'seed' indexes the timing round")
+    outcome.cite_benchmark(bench.decode_group())
+
+
+@prediction(
+    "First-token latency of {stack} grows with prompt length (longest prompt slower than shortest)",
+    metric="ttft_growth", expect=greater_than(1.0),
+)
+@pytest.mark.parametrize("stack", STACK_NAMES)
+def test_first_token_grows_with_prompt(lab, bench, outcome, stack):
+    """Time to first token vs prompt length, per stack.
+
+    Decode one greedy token after prompts of each of the profile's lengths (16, 128 and 512
+    tokens on the cpu profile), shortest to longest, once per round for the profile's
+    rounds after one untimed call per length. ttft_growth is the longest prompt's
+    first-token latency over the shortest's, per round: the prefill processes every prompt
+    token (attention over all pairs), so it should cost more the longer the prompt.
+    """
+    st, lengths = bench.stack(stack), bench.s.prompt_lens
+    for n in lengths:
+        st.decode(bench.prompt_of(n), 1)
+    ms = {n: [] for n in lengths}
+    for rnd in range(bench.s.rounds):
+        for n in lengths:
+            ms[n].append(1e3 * st.decode(bench.prompt_of(n), 1).first_token_s)
+        outcome.record("ttft_growth", ms[lengths[-1]][rnd] / ms[lengths[0]][rnd], seed=rnd)
+    for n in lengths:
+        for rnd, v in enumerate(ms[n]):
+            outcome.record(f"first_token_ms_{n}", v, seed=rnd, unit="ms")
+    outcome.plot_lines("ttft_vs_prompt", {stack: (list(lengths), [float(np.median(ms[n])) for n in lengths])},
+                       xlabel="prompt tokens", ylabel="first-token latency (ms, median over rounds)",
+                       logx=True, logy=True, title=f"Time to first token, {stack}")
+    for n in lengths:
+        outcome.cite_benchmark(bench.ttft_group(n))
