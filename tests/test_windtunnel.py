@@ -241,3 +241,19 @@ def test_kl_bits_and_shape_check():
     assert kl_bits(p, q).item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="differ in shape"):
         calibration(torch.zeros(2, 3, 4), BijectionTask(4, 4).sample(2, torch.Generator()))
+
+
+def test_analyses_see_every_sequence_beyond_one_predict_chunk():
+    """Captures keep only the last forward pass: the analyses must run one pass over all
+    sequences (a 512-sequence chunked predict once left the probe with the last chunk)."""
+    from lab.windtunnel.analysis import ablation_mae, entropy_probe, streams_at_positions
+
+    task = BijectionTask(4, 4, with_replacement=True)
+    torch.manual_seed(0)
+    model = TunnelTransformer(task, n_layer=1, n_head=2, n_embd=8).eval()
+    b = task.sample(600, torch.Generator().manual_seed(0))
+    feats = streams_at_positions(model, b.tokens, ["blocks.0.hook_resid_post"])
+    assert feats["blocks.0.hook_resid_post"].shape == (600 * 4, 8)
+    assert set(entropy_probe(model, b)) == {"blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"}
+    res = ablation_mae(model, b, mode="mean")
+    assert len(res["attn"]) == len(res["mlp"]) == 1

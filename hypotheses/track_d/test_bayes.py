@@ -26,12 +26,24 @@ from lab.windtunnel.analysis import (
 )
 from lab.windtunnel.metrics import calibration, predict
 from lab.windtunnel.models import n_params
-from lab.windtunnel.tasks import uniform_floor_bits
+from lab.windtunnel.tasks import entropy_bits, uniform_floor_bits
 
 pytestmark = pytest.mark.track_d
 
 SCALE_NOTE = ("Scale: the paper trains 6 layers x 6 heads x d192 (2.7M parameters) for 50k-150k steps on V=20 "
               "(HMM: 9 layers x d256); this profile's sizes are in lab/profiles.py (BayesScale).")
+
+
+def _plateau_note(outcome, runs, task) -> None:
+    """Say so on the page when every seed's training loss ended at ln(C), a uniform guess
+    over the answers: then the model learned nothing and its mechanism says nothing."""
+    c = task.n_classes
+    final = [np.mean([h["loss"] for h in r.history[-10:]]) for r in runs.values()]
+    if all(abs(f - math.log(c)) < 0.01 for f in final):
+        outcome.note(f"Training failed: every seed's training loss ended at ln {c} = {math.log(c):.3f} nats "
+                     f"(final {', '.join(f'{f:.3f}' for f in final)}), a uniform guess over all {c} answers. "
+                     "These models never left the plateau within the profile's steps, so measurements of their "
+                     "mechanism describe an untrained predictor.")
 
 
 def _cal(run, batch):
@@ -65,6 +77,7 @@ def test_calibration(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
     """
     batch = tunnel_eval[task]
     runs = tunnel_runs(task)
+    _plateau_note(outcome, runs, tunnels[task])
     per = []
     for seed, run in runs.items():
         cal = _cal(run, batch)
@@ -73,6 +86,12 @@ def test_calibration(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
         outcome.record("kl_bayes_model", cal.kl, seed=seed, unit="bits")
         if task.startswith("bijection"):
             outcome.record("leaked_mass", run.model.leaked_mass(batch.tokens[:500]).mean().item(), seed=seed)
+        if task == "bijection-repl":
+            # where the answer is certain (a repeated key) the model must find and copy the earlier value
+            err = (entropy_bits(predict(run.model, batch.tokens).double().exp()) - batch.entropy.double()).abs()
+            certain = batch.entropy == 0
+            outcome.record("mae_certain_positions", err[certain].mean().item(), seed=seed, unit="bits")
+            outcome.record("mae_uncertain_positions", err[~certain].mean().item(), seed=seed, unit="bits")
         per.append(cal.per_position)
     xs = list(range(1, len(per[0]["bayes_entropy"]) + 1))
     lines = {"Bayes posterior": (xs, per[0]["bayes_entropy"]),
@@ -154,7 +173,7 @@ def test_kl_by_position(lab, tunnel_runs, tunnel_eval, task, outcome):
             metric="ffn_minus_attn_damage", expect=greater_than(0))
 @prediction("A linear probe for the Bayes entropy gains more R^2 across the FFNs than across the attention sub-layers (summed over blocks)",
             metric="ffn_gain_minus_attn_gain", expect=greater_than(0))
-def test_ffn_performs_update(lab, tunnel_runs, tunnel_eval, task, outcome):
+def test_ffn_performs_update(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
     """Which sub-layer does the posterior update.
 
     (1) Ablation: on held-out sequences, the entropy MAE with one sub-layer's write
@@ -170,6 +189,7 @@ def test_ffn_performs_update(lab, tunnel_runs, tunnel_eval, task, outcome):
     """
     batch = tunnel_eval[task]
     runs = tunnel_runs(task)
+    _plateau_note(outcome, runs, tunnels[task])
     dmg_rows, r2_curves = [], {}
     for seed, run in runs.items():
         z = ablation_mae(run.model, batch, mode="zero")
@@ -211,6 +231,7 @@ def test_key_orthogonality(lab, tunnels, tunnel_runs, task, outcome):
     """
     t = tunnels[task]
     ids = torch.arange(t.n_values)
+    _plateau_note(outcome, tunnel_runs(task), t)
     for seed, run in tunnel_runs(task).items():
         outcome.record("key_cos", key_orthogonality(run.model, ids), seed=seed)
         outcome.record("key_cos_init", key_orthogonality(run.at_step(0), ids), seed=seed)
@@ -240,7 +261,7 @@ def test_attention_sharpens_with_depth(lab, tunnel_runs, tunnel_eval, task, outc
 @pytest.mark.parametrize("task", ["bijection-repl", "hmm"])
 @prediction("The representation lies on a manifold parameterised by posterior entropy: |Spearman rho| between the last layer's first principal component and the Bayes entropy >= 0.7",
             metric="rho", expect=at_least(0.7))
-def test_entropy_manifold(lab, tunnel_runs, tunnel_eval, task, outcome):
+def test_entropy_manifold(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
     """The entropy manifold.
 
     PCA of the stream after the last block at the scored positions of 500 held-out
@@ -252,6 +273,7 @@ def test_entropy_manifold(lab, tunnel_runs, tunnel_eval, task, outcome):
     batch = tunnel_eval[task]
     sub = type(batch)(batch.tokens[:500], batch.positions, batch.targets[:500], batch.posterior[:500], batch.entropy[:500])
     shown = None
+    _plateau_note(outcome, tunnel_runs(task), tunnels[task])
     for seed, run in tunnel_runs(task).items():
         m = manifold(run.model, sub)
         outcome.record("rho", m["rho"], seed=seed)

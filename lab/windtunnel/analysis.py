@@ -17,6 +17,17 @@ from lab.windtunnel.models import TunnelTransformer
 from lab.windtunnel.tasks import Batch
 
 
+def _one_pass(model, tokens):
+    """One forward pass over all tokens: a capture keeps only the last pass, so a chunked
+    predict() would leave the activations of its last chunk alone."""
+    was = model.training
+    model.eval()
+    try:
+        return model(tokens)
+    finally:
+        model.train(was)
+
+
 def _check(model):
     if not isinstance(model, TunnelTransformer):
         raise ValueError(f"expected a TunnelTransformer, got {type(model).__name__}")
@@ -35,7 +46,7 @@ def ablation_mae(model: TunnelTransformer, batch: Batch, *, mode: str = "zero") 
     means = {}
     if mode == "mean":
         with capture(model.gpt, names) as cache:
-            predict(model, batch.tokens)
+            _one_pass(model, batch.tokens)
         means = {n: cache[n].float().mean(dim=(0, 1)) for n in names}
     out = {"clean": [calibration(predict(model, batch.tokens), batch).entropy_mae], "attn": [], "mlp": []}
     for part in ("attn", "mlp"):
@@ -59,7 +70,7 @@ def streams_at_positions(model: TunnelTransformer, tokens: torch.Tensor, names: 
     """{hook name: (n * P, d)} the stream at the task's scored positions."""
     _check(model)
     with capture(model.gpt, names) as cache:
-        predict(model, tokens)
+        _one_pass(model, tokens)
     pos = model.positions
     return {n: cache[n][:, pos].reshape(-1, cache[n].size(-1)).float() for n in names}
 
@@ -132,7 +143,7 @@ def attention_entropy_by_layer(model: TunnelTransformer, tokens: torch.Tensor) -
     """Mean attention entropy (bits) of each layer's heads at the scored positions."""
     n_layer = _check(model)
     with capture(model.gpt, "blocks.*.attn.hook_pattern") as cache:
-        predict(model, tokens)
+        _one_pass(model, tokens)
     out = []
     for i in range(n_layer):
         p = cache[f"blocks.{i}.attn.hook_pattern"][:, :, model.positions].double()  # (n, H, P, T)
@@ -188,7 +199,7 @@ def attention_drift(model_a: TunnelTransformer, model_b: TunnelTransformer, toke
     pats = []
     for m in (model_a, model_b):
         with capture(m.gpt, "blocks.*.attn.hook_pattern") as cache:
-            predict(m, tokens)
+            _one_pass(m, tokens)
         pats.append(cache.stack("attn.hook_pattern")[:, :, :, m.positions])  # (L, n, H, P, T)
     a, b = pats
     m = 0.5 * (a + b)

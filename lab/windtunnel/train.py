@@ -74,13 +74,17 @@ def _spec(model: torch.nn.Module) -> dict:
     raise ValueError(f"unknown wind-tunnel model {kind}")
 
 
+# the source a trained run depends on; analyses and metrics can change without retraining
+TRAINING_SOURCES = ("windtunnel/tasks.py", "windtunnel/models.py", "windtunnel/train.py")
+
+
 def _code_version() -> str:
     root = Path(lab_package.__file__).parent
     h = hashlib.sha256()
-    for sub in ("windtunnel", "models"):
-        for f in sorted((root / sub).rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode())
-            h.update(f.read_bytes())
+    files = [root / f for f in TRAINING_SOURCES] + sorted((root / "models").rglob("*.py"))
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
