@@ -257,3 +257,15 @@ def test_analyses_see_every_sequence_beyond_one_predict_chunk():
     assert set(entropy_probe(model, b)) == {"blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"}
     res = ablation_mae(model, b, mode="mean")
     assert len(res["attn"]) == len(res["mlp"]) == 1
+
+
+def test_key_cosines_pairs_and_mean():
+    from lab.windtunnel.analysis import key_cosines, key_orthogonality
+
+    task = BijectionTask(5, 4)
+    torch.manual_seed(0)
+    model = TunnelTransformer(task, n_layer=1, n_head=2, n_embd=8)
+    cos = key_cosines(model, torch.arange(5))
+    assert cos.shape == (2, 10)  # 2 heads, 5 choose 2 pairs
+    assert ((cos >= 0) & (cos <= 1 + 1e-6)).all()
+    assert key_orthogonality(model, torch.arange(5)) == pytest.approx(cos.mean().item())

@@ -18,6 +18,7 @@ from lab.windtunnel.analysis import (
     attention_entropy_by_layer,
     entropy_probe,
     frame_step,
+    key_cosines,
     key_orthogonality,
     manifold,
     random_cosine_baseline,
@@ -210,6 +211,8 @@ def test_ffn_performs_update(lab, tunnels, tunnel_runs, tunnel_eval, task, outco
     labels = [f"L{i} {p}" for i in range(len(attn)) for p in ("attn", "FFN")]
     outcome.plot("ablation", bar_figure(labels, [v for pair in zip(attn, ffn) for v in pair],
                                         ylabel="entropy MAE increase (bits), mean over seeds", title=f"{task}: zero-ablating one sub-layer"))
+    outcome.note("Paper: states that the FFN performs the posterior update and attention routes; we found no test "
+                 "of it in its code, so both measurements here are our operationalisation (see the wind-tunnel guide).")
     names = ["embed"] + [f"L{i} {p}" for i in range(len(attn)) for p in ("attn", "FFN")]
     fig = line_figure(r2_curves, xlabel="stream point (embed, then after each attention / FFN)",
                       ylabel="probe R^2 for the Bayes entropy", title=f"{task}: where the entropy becomes readable")
@@ -232,11 +235,26 @@ def test_key_orthogonality(lab, tunnels, tunnel_runs, task, outcome):
     t = tunnels[task]
     ids = torch.arange(t.n_values)
     _plateau_note(outcome, tunnel_runs(task), t)
+    trained, init = [], []
     for seed, run in tunnel_runs(task).items():
         outcome.record("key_cos", key_orthogonality(run.model, ids), seed=seed)
         outcome.record("key_cos_init", key_orthogonality(run.at_step(0), ids), seed=seed)
+        trained.append(key_cosines(run.model, ids).flatten())
+        init.append(key_cosines(run.at_step(0), ids).flatten())
     d_head = run.model.gpt.config.head_dim
-    outcome.record("random_baseline", random_cosine_baseline(d_head))
+    baseline = outcome.record("random_baseline", random_cosine_baseline(d_head))
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    bins = np.linspace(0, 1, 41)
+    ax.hist(torch.cat(init).numpy(), bins=bins, alpha=0.6, label="at initialisation")
+    ax.hist(torch.cat(trained).numpy(), bins=bins, alpha=0.6, label="trained")
+    ax.axvline(baseline, color="k", linestyle="--", linewidth=1, label="E|cos| of random directions")
+    ax.set_xlabel("|cosine| between two key tokens' layer-0 keys (all heads, pairs, seeds)")
+    ax.set_ylabel("count")
+    ax.set_title(task)
+    ax.legend(fontsize=8)
+    outcome.plot("key-cosines", fig, caption="The paper's counterpart: layer-0 mean |cos| 0.052 vs 0.082 for random vectors.")
     outcome.note("Paper (v3): layer-0 mean |cos| 0.052 vs 0.082 for random vectors.")
 
 
@@ -256,6 +274,8 @@ def test_attention_sharpens_with_depth(lab, tunnel_runs, tunnel_eval, task, outc
         outcome.record("entropy_first_minus_last", h[0] - h[-1], seed=seed, unit="bits")
         curves[f"seed {seed}"] = (list(range(len(h))), h)
     outcome.plot_lines("entropy-by-layer", curves, xlabel="layer", ylabel="attention entropy (bits)", title=task)
+    outcome.note("Paper: query-key cosine heatmaps by layer (layer 0 diffuse, the last layer concentrated on the keys "
+                 "consistent with the context); its companion paper reports an 85-90% entropy reduction across layers.")
 
 
 @pytest.mark.parametrize("task", ["bijection-repl", "hmm"])
@@ -315,5 +335,8 @@ def test_frame_precision(lab, tunnel_runs, tunnel_eval, outcome):
         mae_lines[f"seed {seed}"] = (xs, [maes[s] for s in steps])
     outcome.plot_lines("attention-drift", drift_lines, xlabel="training step (0 shown at 1)",
                        ylabel="JS divergence to final attention (nats)", logx=True, title="the frame settles")
+    outcome.note("Paper: attention maps stabilise early while the value manifold keeps refining (figures at 100k vs "
+                 "150k steps); the authors' later note: the attention frame plateaus by step 2.5k while the MAE is "
+                 "0.03 bits and then falls about 40x more over 47k steps.")
     outcome.plot_lines("precision", mae_lines, xlabel="training step (0 shown at 1)", ylabel="entropy MAE (bits)",
                        logx=True, logy=True, title="precision keeps improving")

@@ -116,10 +116,10 @@ def update_gains(r2: dict[str, float], n_layer: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def key_orthogonality(model: TunnelTransformer, token_ids: torch.Tensor, layer: int = 0) -> float:
-    """Mean |cosine| between the keys that layer `layer`'s heads compute for the given tokens
-    (their embeddings through ln_1 and W_K; positions left out, as in the authors' code),
-    over distinct token pairs, averaged over heads."""
+def key_cosines(model: TunnelTransformer, token_ids: torch.Tensor, layer: int = 0) -> torch.Tensor:
+    """(heads, pairs) |cosine| between the keys layer `layer`'s heads compute for every pair of
+    distinct tokens (their embeddings through ln_1 and W_K; positions left out, as in the
+    authors' analysis code)."""
     _check(model)
     gpt = model.gpt
     block = gpt.blocks[layer]
@@ -128,9 +128,13 @@ def key_orthogonality(model: TunnelTransformer, token_ids: torch.Tensor, layer: 
     k = block.attn.c_attn(x)[:, nq * hd : (nq + nkv) * hd].view(len(token_ids), nkv, hd)
     k = F.normalize(k.float(), dim=-1).transpose(0, 1)  # (heads, n, hd)
     cos = (k @ k.transpose(1, 2)).abs()
-    n = len(token_ids)
-    off = ~torch.eye(n, dtype=torch.bool)
-    return cos[:, off].mean().item()
+    upper = torch.ones(len(token_ids), len(token_ids), dtype=torch.bool).triu(1)
+    return cos[:, upper]
+
+
+def key_orthogonality(model: TunnelTransformer, token_ids: torch.Tensor, layer: int = 0) -> float:
+    """Mean |cosine| between keys of distinct tokens, averaged over pairs and heads."""
+    return key_cosines(model, token_ids, layer).mean().item()
 
 
 def random_cosine_baseline(dim: int) -> float:
@@ -224,6 +228,6 @@ def frame_step(drifts: dict[int, float], fraction: float = 0.1) -> int:
 
 __all__ = [
     "ablation_mae", "attention_drift", "attention_entropy_by_layer", "entropy_probe", "frame_step",
-    "key_orthogonality", "manifold", "random_cosine_baseline", "ridge_r2", "spearman",
+    "key_cosines", "key_orthogonality", "manifold", "random_cosine_baseline", "ridge_r2", "spearman",
     "stream_points", "streams_at_positions", "update_gains",
 ]
