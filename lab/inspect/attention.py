@@ -86,18 +86,23 @@ def induction_score(pattern: torch.Tensor, period: int, *, start: int = 0) -> to
     return p[..., q, q - period + 1].mean(dim=(0, 2))
 
 
+def js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats) between distributions along the last axis, any shape."""
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return (a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log())).sum(-1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
 def js_divergence(p: torch.Tensor, q: torch.Tensor, *, min_query: int = 1) -> torch.Tensor:
     """(heads,) mean Jensen-Shannon divergence (nats, 0..log 2) between two patterns of the
     same text, query by query: how differently two models (or layers) attend."""
     p, q = _check(p, min_query), _check(q, min_query)
     if p.shape != q.shape:
         raise ValueError(f"patterns differ in shape: {tuple(p.shape)} vs {tuple(q.shape)}")
-    m = 0.5 * (p + q)
-
-    def kl(a, b):
-        return (a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log())).sum(-1)
-
-    return _mean_over_queries(0.5 * kl(p, m) + 0.5 * kl(q, m), min_query)
+    return _mean_over_queries(js_rows(p, q), min_query)
 
 
 def uniform_pattern(T: int, *, causal: bool = True) -> torch.Tensor:

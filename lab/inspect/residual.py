@@ -4,7 +4,7 @@ relate, its principal directions, and what each layer would predict (logit lens)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,32 +43,43 @@ def write_norms(cache, n_layers: int, mask: torch.Tensor | None = None) -> dict[
 
 
 @torch.no_grad()
-def ablation_losses(model, idx: torch.Tensor, targets: torch.Tensor, *, mode: str = "zero",
-                    reference: torch.Tensor | None = None) -> dict[str, list[float]]:
-    """Next-token loss with one sub-layer's write removed at a time:
-    {'clean': [loss], 'attn': [loss with layer i's attention ablated], 'mlp': [...]}.
-    mode 'zero' writes nothing; 'mean' writes the write's average over `reference`
-    tokens (default idx), which keeps its constant part and removes what depends on the input."""
+def sublayer_ablations(model, score: Callable[[], float], *, mode: str = "zero",
+                       reference_pass: Callable[[], object] | None = None) -> dict[str, list[float]]:
+    """score() clean and with one sub-layer's write removed at a time:
+    {'clean': [score], 'attn': [score with layer i's attention ablated], 'mlp': [...]}.
+    mode 'zero' writes nothing; 'mean' writes the write's average over the tokens of
+    reference_pass() (one forward pass of the model), which keeps its constant part and
+    removes what depends on the input."""
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
+    a = adapter(model)
+    names = [f"blocks.{i}.hook_{p}_out" for i in range(a.n_layers) for p in ("attn", "mlp")]
+    means = {}
+    if mode == "mean":
+        if reference_pass is None:
+            raise ValueError("mode 'mean' needs reference_pass, the forward pass whose writes are averaged")
+        with capture(a, names) as cache:
+            reference_pass()
+        means = {n: cache[n].float().mean(dim=(0, 1)) for n in names}
+    out = {"clean": [score()], "attn": [], "mlp": []}
+    for part in ("attn", "mlp"):
+        for i in range(a.n_layers):
+            name = f"blocks.{i}.hook_{part}_out"
+            with patch(a, {name: zero_ablation if mode == "zero" else mean_ablation(means[name])}):
+                out[part].append(score())
+    return out
+
+
+def ablation_losses(model, idx: torch.Tensor, targets: torch.Tensor, *, mode: str = "zero",
+                    reference: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """Next-token loss with one sub-layer's write removed at a time (sublayer_ablations);
+    'mean' averages the writes over `reference` tokens (default idx)."""
     a = adapter(model)
     was_training = a.model.training
     a.model.eval()
     try:
-        means = {}
-        if mode == "mean":
-            names = [f"blocks.{i}.hook_{p}_out" for i in range(a.n_layers) for p in ("attn", "mlp")]
-            with capture(a, names) as cache:
-                a.forward(idx if reference is None else reference)
-            means = {n: cache[n].float().mean(dim=(0, 1)) for n in names}
-        out = {"clean": [a.loss(idx, targets).item()], "attn": [], "mlp": []}
-        for part in ("attn", "mlp"):
-            for i in range(a.n_layers):
-                name = f"blocks.{i}.hook_{part}_out"
-                edit = zero_ablation if mode == "zero" else mean_ablation(means[name])
-                with patch(a, {name: edit}):
-                    out[part].append(a.loss(idx, targets).item())
-        return out
+        return sublayer_ablations(a, lambda: a.loss(idx, targets).item(), mode=mode,
+                                  reference_pass=lambda: a.forward(idx if reference is None else reference))
     finally:
         a.model.train(was_training)
 

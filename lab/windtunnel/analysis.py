@@ -10,8 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lab.inspect import capture, mean_ablation, patch, zero_ablation
-from lab.inspect.residual import pca
+from lab.inspect import capture
+from lab.inspect.attention import js_rows
+from lab.inspect.residual import pca, sublayer_ablations
 from lab.windtunnel.metrics import calibration, predict
 from lab.windtunnel.models import TunnelTransformer
 from lab.windtunnel.tasks import Batch
@@ -34,27 +35,13 @@ def _check(model):
     return model.gpt.config.n_layer
 
 
-@torch.no_grad()
 def ablation_mae(model: TunnelTransformer, batch: Batch, *, mode: str = "zero") -> dict[str, list[float]]:
     """Entropy MAE (bits) with one sub-layer's write removed at a time:
     {'clean': [mae], 'attn': [per layer], 'mlp': [per layer]}. 'mean' replaces the write
     by its average over this batch's tokens instead of zeros."""
-    n_layer = _check(model)
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
-    names = [f"blocks.{i}.hook_{p}_out" for i in range(n_layer) for p in ("attn", "mlp")]
-    means = {}
-    if mode == "mean":
-        with capture(model.gpt, names) as cache:
-            _one_pass(model, batch.tokens)
-        means = {n: cache[n].float().mean(dim=(0, 1)) for n in names}
-    out = {"clean": [calibration(predict(model, batch.tokens), batch).entropy_mae], "attn": [], "mlp": []}
-    for part in ("attn", "mlp"):
-        for i in range(n_layer):
-            name = f"blocks.{i}.hook_{part}_out"
-            with patch(model.gpt, {name: zero_ablation if mode == "zero" else mean_ablation(means[name])}):
-                out[part].append(calibration(predict(model, batch.tokens), batch).entropy_mae)
-    return out
+    _check(model)
+    return sublayer_ablations(model.gpt, lambda: calibration(predict(model, batch.tokens), batch).entropy_mae,
+                              mode=mode, reference_pass=lambda: _one_pass(model, batch.tokens))
 
 
 def stream_points(n_layer: int) -> list[str]:
@@ -205,13 +192,7 @@ def attention_drift(model_a: TunnelTransformer, model_b: TunnelTransformer, toke
         with capture(m.gpt, "blocks.*.attn.hook_pattern") as cache:
             _one_pass(m, tokens)
         pats.append(cache.stack("attn.hook_pattern")[:, :, :, m.positions])  # (L, n, H, P, T)
-    a, b = pats
-    m = 0.5 * (a + b)
-
-    def kl(p, q):
-        return (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1)
-
-    return (0.5 * kl(a, m) + 0.5 * kl(b, m)).mean().item()
+    return js_rows(*pats).mean().item()
 
 
 def frame_step(drifts: dict[int, float], fraction: float = 0.1) -> int:
