@@ -9,12 +9,12 @@ import torch
 
 from lab.data import TokenData, corpus_installed, fetch_corpus, interleave_for_split, load_corpus, prepare
 from lab.finetune import FinetuneConfig, finetune, retokenize
+from lab.inspect.pretrained import load_minilm
+from lab.inspect.texts import windows
 from lab.models import export_hf
 from lab.paths import cache_dir
 from lab.session import weights_hash
 from lab.tokenizers.hf import HFTokenizer
-from lab.inspect.pretrained import load_minilm
-from lab.inspect.texts import windows
 
 
 @pytest.fixture(scope="session")
@@ -124,11 +124,23 @@ def ft_runs(lab, ft_base, milton_data, old_data):
     def get(**changes):
         key = tuple(sorted(changes.items()))
         if key not in cache:
-            base = dict(lr=f.lr, steps=f.steps, batch_size=f.batch_size, block_size=f.base.block_size,
-                        eval_interval=f.eval_interval, eval_batches=f.eval_batches)
+            base = dict(
+                lr=f.lr,
+                steps=f.steps,
+                batch_size=f.batch_size,
+                block_size=f.base.block_size,
+                eval_interval=f.eval_interval,
+                eval_batches=f.eval_batches,
+            )
             cache[key] = {
-                seed: finetune(ft_base, milton_data, old_data, FinetuneConfig(**{**base, **changes, "seed": seed}),
-                               device=lab.device, progress=lab.progress)
+                seed: finetune(
+                    ft_base,
+                    milton_data,
+                    old_data,
+                    FinetuneConfig(**{**base, **changes, "seed": seed}),
+                    device=lab.device,
+                    progress=lab.progress,
+                )
                 for seed in lab.seeds
             }
         return cache[key]

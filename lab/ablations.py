@@ -8,7 +8,7 @@ numbers with intervals, and per-layer statistics from the training history.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

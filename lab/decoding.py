@@ -50,13 +50,19 @@ class _TokenClock:
 
 
 @torch.no_grad()
-def hf_decode_latencies(hf_model, prompt: torch.Tensor, n_new: int, *, cache_implementation: str | None = None) -> list[float]:
+def hf_decode_latencies(
+    hf_model, prompt: torch.Tensor, n_new: int, *, cache_implementation: str | None = None
+) -> list[float]:
     """Greedy `generate` of exactly `n_new` tokens; per-token latencies in seconds
     (`cache_implementation`: None for HF's default dynamic cache, or "static")."""
     clock = _TokenClock()
     kwargs = dict(
-        max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, streamer=clock,
-        pad_token_id=0, attention_mask=torch.ones_like(prompt),
+        max_new_tokens=n_new,
+        min_new_tokens=n_new,
+        do_sample=False,
+        streamer=clock,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompt),
     )
     if cache_implementation:
         kwargs["cache_implementation"] = cache_implementation

@@ -75,7 +75,12 @@ class FinetuneConfig:
             fail("seed", "an int >= 0")
         if not _is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.steps:
             fail("warmup_steps", f"an int in [0, steps={self.steps}]")
-        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not math.isfinite(self.lr) or self.lr <= 0:
+        if (
+            not isinstance(self.lr, (int, float))
+            or isinstance(self.lr, bool)
+            or not math.isfinite(self.lr)
+            or self.lr <= 0
+        ):
             fail("lr", "a finite number > 0")
         if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
             fail("alpha", "None or a number > 0")
@@ -99,7 +104,11 @@ class FinetuneConfig:
 
     @property
     def label(self) -> str:
-        return "full fine-tuning" if self.method == "full" else f"{'QLoRA' if self.method == 'qlora' else 'LoRA'} r={self.rank}"
+        return (
+            "full fine-tuning"
+            if self.method == "full"
+            else f"{'QLoRA' if self.method == 'qlora' else 'LoRA'} r={self.rank}"
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -211,16 +220,22 @@ def prepare_model(base_dir, cfg: FinetuneConfig, device: str = "cpu"):
 
     check_targets(model, cfg.target_modules)
     lora = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
-        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        r=cfg.rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 
 
 def weight_bytes(model) -> int:
     """Bytes of the model's parameters and buffers as stored (4-bit weights count as packed)."""
-    return int(model.get_memory_footprint()) if hasattr(model, "get_memory_footprint") else sum(
-        p.numel() * p.element_size() for p in model.parameters()
+    return (
+        int(model.get_memory_footprint())
+        if hasattr(model, "get_memory_footprint")
+        else sum(p.numel() * p.element_size() for p in model.parameters())
     )
 
 
@@ -309,14 +324,23 @@ def _initial_weights(model, cfg) -> dict[str, torch.Tensor]:
 
 def _run_key(base: str, cfg: FinetuneConfig, new: TokenData, old: TokenData) -> str:
     spec = {
-        "base": base, "config": cfg.to_dict(), "new": new.identity, "old": old.identity,
+        "base": base,
+        "config": cfg.to_dict(),
+        "new": new.identity,
+        "old": old.identity,
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def finetune(
-    base_dir, new: TokenData, old: TokenData, cfg: FinetuneConfig, *, device: str = "cpu", progress: bool = True,
+    base_dir,
+    new: TokenData,
+    old: TokenData,
+    cfg: FinetuneConfig,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune the checkpoint at base_dir on `new` (measuring `old` too), or load the cached run.
 
@@ -351,20 +375,24 @@ def finetune(
 
     def run_eval(step):
         kw = dict(block_size=cfg.block_size, batch_size=cfg.batch_size, n_batches=cfg.eval_batches)
-        evals.append({
-            "step": step,
-            "train_loss": hf_loss(model, new.train, **kw),
-            "new_val": hf_loss(model, new.val, **kw),
-            "old_val": hf_loss(model, old.val, **kw),
-            "elapsed_s": time.perf_counter() - t0,
-        })
+        evals.append(
+            {
+                "step": step,
+                "train_loss": hf_loss(model, new.train, **kw),
+                "new_val": hf_loss(model, new.val, **kw),
+                "old_val": hf_loss(model, old.val, **kw),
+                "elapsed_s": time.perf_counter() - t0,
+            }
+        )
         layer_stats.append({"step": step, "layers": _layer_stats(model, optimizer, initial, cfg)})
 
     run_eval(0)
     diverged = False
     bar = tqdm(total=cfg.steps, disable=not progress, desc=f"finetune {cfg.label}", dynamic_ncols=True)
     for step in range(1, cfg.steps + 1):
-        lr = lr_at(step - 1, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+        lr = lr_at(
+            step - 1, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = get_batch(new.train, cfg.block_size, cfg.batch_size - n_old, gen, device)
@@ -390,10 +418,18 @@ def finetune(
 
     trainable = sum(p.numel() for p in params)
     result = FinetuneResult(
-        config=cfg, key=key, base_dir=str(base_dir), base_hash=bh, evals=evals, history=history,
-        layer_stats=layer_stats, trainable_params=trainable,
+        config=cfg,
+        key=key,
+        base_dir=str(base_dir),
+        base_hash=bh,
+        evals=evals,
+        history=history,
+        layer_stats=layer_stats,
+        trainable_params=trainable,
         total_params=sum(p.numel() for p in model.parameters()),
-        base_weight_bytes=weight_bytes(model), state_bytes=state_bytes(model), diverged=diverged,
+        base_weight_bytes=weight_bytes(model),
+        state_bytes=state_bytes(model),
+        diverged=diverged,
         wall_time_s=time.perf_counter() - t0,
     )
     _save(model, result, run_dir)

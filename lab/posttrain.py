@@ -30,9 +30,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -105,7 +105,13 @@ class WordTask:
 
     @classmethod
     def from_text(
-        cls, text: str, *, prefix_len: int = 2, min_len: int = 3, max_len: int = 10, min_words: int = 3,
+        cls,
+        text: str,
+        *,
+        prefix_len: int = 2,
+        min_len: int = 3,
+        max_len: int = 10,
+        min_words: int = 3,
         held_out_fraction: float = 0.25,
     ) -> WordTask:
         if not isinstance(text, str) or not text:
@@ -117,8 +123,11 @@ class WordTask:
                 f"need prefix_len < min_len <= max_len (each word must go past its prefix), got "
                 f"prefix_len={prefix_len}, min_len={min_len}, max_len={max_len}"
             )
-        if isinstance(held_out_fraction, bool) or not isinstance(held_out_fraction, (int, float)) \
-                or not 0 < held_out_fraction < 1:
+        if (
+            isinstance(held_out_fraction, bool)
+            or not isinstance(held_out_fraction, (int, float))
+            or not 0 < held_out_fraction < 1
+        ):
             raise ValueError(f"held_out_fraction must be a number in (0, 1), got {held_out_fraction!r}")
         unique = sorted({w for w in re.findall(r"[a-z]+", text.lower()) if min_len <= len(w) <= max_len})
         groups: dict[str, list[str]] = {}
@@ -145,11 +154,15 @@ class WordTask:
 
     def prefix_of(self, prompt: str) -> str:
         head, tail = PROMPT_TEMPLATE.split("{}")
-        if not (isinstance(prompt, str) and prompt.startswith(head) and prompt.endswith(tail)
-                and len(prompt) == len(head) + self.prefix_len + len(tail)):
+        if not (
+            isinstance(prompt, str)
+            and prompt.startswith(head)
+            and prompt.endswith(tail)
+            and len(prompt) == len(head) + self.prefix_len + len(tail)
+        ):
             example = self.prompt("x" * self.prefix_len)
             raise ValueError(f"{prompt!r} is not a prompt of this task (expected one like {example!r})")
-        return prompt[len(head):len(head) + self.prefix_len]
+        return prompt[len(head) : len(head) + self.prefix_len]
 
     def well_formed(self, prompt: str, completion: str) -> bool:
         """The answer format: the prompt's prefix, at least one more lowercase letter, a newline."""
@@ -197,13 +210,15 @@ def encode_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str], 
     T = max(lengths)
     if block_size is not None and T > block_size:
         i = lengths.index(T)
-        raise ValueError(f"pair {i} is {T} tokens long, more than the model's block_size={block_size}: "
-                         f"{prompts[i]!r} + {completions[i]!r}")
+        raise ValueError(
+            f"pair {i} is {T} tokens long, more than the model's block_size={block_size}: "
+            f"{prompts[i]!r} + {completions[i]!r}"
+        )
     idx = torch.zeros(len(rows), T, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for i, (a, b) in enumerate(rows):
         idx[i, : len(a) + len(b)] = torch.tensor(a + b)
-        mask[i, len(a): len(a) + len(b)] = True
+        mask[i, len(a) : len(a) + len(b)] = True
     return idx, mask, torch.tensor(lengths)
 
 
@@ -223,8 +238,12 @@ def sequence_logprobs(model, tokenizer, prompts, completions, *, batch_size: int
     try:
         out = []
         for s in range(0, len(prompts), batch_size):
-            idx, mask, _ = encode_batch(tokenizer, prompts[s:s + batch_size], completions[s:s + batch_size],
-                                        block_size=model.config.block_size)
+            idx, mask, _ = encode_batch(
+                tokenizer,
+                prompts[s : s + batch_size],
+                completions[s : s + batch_size],
+                block_size=model.config.block_size,
+            )
             out.append(token_logprobs(model, idx.to(_device(model)), mask.to(_device(model))).cpu())
         return torch.cat(out)
     finally:
@@ -240,8 +259,14 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def sample_completions(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, generator: torch.Generator,
-    temperature: float = 1.0, batch_size: int = 512,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    batch_size: int = 512,
 ) -> list[str]:
     """One sampled completion per prompt, cut after its first newline (or max_new_tokens
     characters without one). Prompts of equal length are batched; order is kept."""
@@ -262,7 +287,7 @@ def sample_completions(
     try:
         for n, rows in sorted(by_len.items()):
             for s in range(0, len(rows), batch_size):
-                chunk = rows[s:s + batch_size]
+                chunk = rows[s : s + batch_size]
                 idx = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=_device(model))
                 gen = model.generate(idx, max_new_tokens, temperature=temperature, generator=generator)
                 for i, ids in zip(chunk, gen[:, n:].cpu().tolist()):
@@ -282,8 +307,16 @@ def _adamw(params, lr: float) -> torch.optim.Optimizer:
 
 
 def sft(
-    model, tokenizer, prompts: Sequence[str], completions: Sequence[str], *, steps: int, batch_size: int,
-    lr: float, seed: int, history: list | None = None,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    history: list | None = None,
 ):
     """A fine-tuned copy of `model` (the original is untouched): AdamW at a constant lr on
     random batches of (prompt, completion) pairs, cross-entropy on completion tokens only
@@ -335,8 +368,9 @@ class PreferencePair:
             )
         for name in ("chosen_score", "rejected_score"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
                 raise ValueError(f"{name!r} must be a finite number or absent, got {value!r}")
         if (self.chosen_score is None) != (self.rejected_score is None):
             raise ValueError("give both 'chosen_score' and 'rejected_score' or neither")
@@ -352,15 +386,23 @@ OPTIONAL_PAIR_KEYS = ("chosen_score", "rejected_score")
 
 
 def preference_pairs(
-    model, tokenizer, prompts: Sequence[str], score: Callable[[str], float], *, max_new_tokens: int,
-    generator: torch.Generator, temperature: float = 1.0,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    score: Callable[[str], float],
+    *,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
 ) -> tuple[list[PreferencePair], int]:
     """Two samples from `model` per prompt; the one `score` rates higher is chosen.
     Returns (pairs, ties): a tie (equal scores, identical samples included) is dropped."""
-    a = sample_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, generator=generator,
-                           temperature=temperature)
-    b = sample_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, generator=generator,
-                           temperature=temperature)
+    a = sample_completions(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, generator=generator, temperature=temperature
+    )
+    b = sample_completions(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, generator=generator, temperature=temperature
+    )
     pairs, ties = [], 0
     for p, x, y in zip(prompts, a, b):
         sx, sy = float(score(x)), float(score(y))
@@ -492,8 +534,12 @@ class RewardModel(nn.Module):
             out = []
             dev = _device(self)
             for s in range(0, len(prompts), batch_size):
-                idx, _, lengths = encode_batch(tokenizer, prompts[s:s + batch_size], completions[s:s + batch_size],
-                                               block_size=self.trunk.config.block_size)
+                idx, _, lengths = encode_batch(
+                    tokenizer,
+                    prompts[s : s + batch_size],
+                    completions[s : s + batch_size],
+                    block_size=self.trunk.config.block_size,
+                )
                 out.append(self(idx.to(dev), lengths).cpu())
             return torch.cat(out)
         finally:
@@ -507,7 +553,14 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
 
 
 def train_reward_model(
-    trunk, tokenizer, pairs: Sequence[PreferencePair], *, steps: int, batch_size: int, lr: float, seed: int,
+    trunk,
+    tokenizer,
+    pairs: Sequence[PreferencePair],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
     history: list | None = None,
 ) -> RewardModel:
     """A RewardModel on a copy of `trunk`, trained with the Bradley-Terry loss by AdamW at a
@@ -546,7 +599,10 @@ def pairwise_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[PreferencePair
 
 
 def dpo_loss(
-    pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
     beta: float,
 ) -> torch.Tensor:
     """Mean DPO loss (Rafailov et al. 2023, eq. 7) from sequence log-probabilities:
@@ -561,8 +617,17 @@ def dpo_loss(
 
 
 def dpo(
-    policy, reference, tokenizer, pairs: Sequence[PreferencePair], *, beta: float, steps: int, batch_size: int,
-    lr: float, seed: int, history: list | None = None,
+    policy,
+    reference,
+    tokenizer,
+    pairs: Sequence[PreferencePair],
+    *,
+    beta: float,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    history: list | None = None,
 ):
     """A copy of `policy` trained by DPO on `pairs` against the frozen `reference` (whose
     log-probabilities are computed once, up front). AdamW at a constant lr on random
@@ -593,8 +658,14 @@ def dpo(
         if history is not None:
             with torch.no_grad():
                 margin = beta * ((pc - ref_c[rows.to(dev)]) - (pr - ref_r[rows.to(dev)]))
-            history.append({"step": step + 1, "loss": float(loss.detach()), "margin": float(margin.mean()),
-                            "accuracy": float((margin > 0).float().mean())})
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": float(loss.detach()),
+                    "margin": float(margin.mean()),
+                    "accuracy": float((margin > 0).float().mean()),
+                }
+            )
     return pol.eval()
 
 
@@ -617,8 +688,10 @@ def kl_estimate(policy, reference, tokenizer, prompts: Sequence[str], completion
     and it is exactly 0 when the two models are the same."""
     if len(prompts) != len(completions) or not prompts:
         raise ValueError(f"need equally many (>= 1) prompts and completions, got {len(prompts)} and {len(completions)}")
-    d = (sequence_logprobs(policy, tokenizer, prompts, completions)
-         - sequence_logprobs(reference, tokenizer, prompts, completions)).double()
+    d = (
+        sequence_logprobs(policy, tokenizer, prompts, completions)
+        - sequence_logprobs(reference, tokenizer, prompts, completions)
+    ).double()
     n = len(d)
     sem = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
     return KLEstimate(float(d.mean()), sem, n, tuple(d.tolist()))

@@ -25,7 +25,9 @@ class ProbeResult:
 
 def _check(features, labels, name):
     if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
-        raise ValueError(f"{name} features must be a 2-D float tensor (n, d), got {getattr(features, 'shape', features)!r}")
+        raise ValueError(
+            f"{name} features must be a 2-D float tensor (n, d), got {getattr(features, 'shape', features)!r}"
+        )
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
         raise ValueError(f"{name} labels must be a 1-D int tensor (n,), got {getattr(labels, 'shape', labels)!r}")
     if len(features) != len(labels) or len(labels) == 0:

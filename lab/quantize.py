@@ -368,7 +368,9 @@ def load_bnb(path, method: str, *, device: str = "cpu"):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, quantization_config=qc, device_map={"": str(device)}
     )
-    return model.eval()
+    from lab.models.hf import portable_4bit
+
+    return portable_4bit(model).eval()
 
 
 @dataclass(frozen=True)

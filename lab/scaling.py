@@ -24,9 +24,9 @@ FLOPs left out, as in Chinchilla's approximation).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -181,13 +181,23 @@ def fit_power_law(N: Sequence[float], L: Sequence[float], *, grid: int = 400) ->
 
     a_lo, a_hi = math.log(alphas[max(i - 1, 0)]), math.log(alphas[min(i + 1, grid - 1)])
     ones = np.ones(N.size)
-    res = minimize_scalar(lambda la: _nnls_one(np.stack([ones, np.exp(-math.exp(la) * logx)], axis=1), L),
-                          bounds=(a_lo, a_hi), method="bounded", options={"xatol": 1e-10})
+    res = minimize_scalar(
+        lambda la: _nnls_one(np.stack([ones, np.exp(-math.exp(la) * logx)], axis=1), L),
+        bounds=(a_lo, a_hi),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
     alpha = math.exp(res.x) if res.fun <= rss[i] else float(alphas[i])
     coef, best = solve(np.array([alpha]))
     E, A_scaled = coef[0]
-    return PowerLawFit(E=float(E), A=float(A_scaled * n0 ** alpha), alpha=float(alpha), rss=float(best[0]),
-                       n_points=int(N.size), at_bound=_at_bound(alpha))
+    return PowerLawFit(
+        E=float(E),
+        A=float(A_scaled * n0**alpha),
+        alpha=float(alpha),
+        rss=float(best[0]),
+        n_points=int(N.size),
+        at_bound=_at_bound(alpha),
+    )
 
 
 # ---------------------------------------------------------------- L(N, D)
@@ -222,8 +232,7 @@ class ChinchillaFit:
         return math.sqrt(self.rss / self.n_points)
 
     def describe(self) -> str:
-        return (f"L(N, D) = {self.E:.4g} + {self.A:.4g} * N^-{self.alpha:.4g} "
-                f"+ {self.B:.4g} * D^-{self.beta:.4g}")
+        return f"L(N, D) = {self.E:.4g} + {self.A:.4g} * N^-{self.alpha:.4g} + {self.B:.4g} * D^-{self.beta:.4g}"
 
 
 def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], *, grid: int = 40) -> ChinchillaFit:
@@ -245,8 +254,9 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], *
 
     def solve(ab: np.ndarray):  # ab: (G, 2)
         G = ab.shape[0]
-        Z = np.stack([np.ones((G, N.size)), np.exp(-ab[:, :1] * logx[None, :]),
-                      np.exp(-ab[:, 1:] * logd[None, :])], axis=2)
+        Z = np.stack(
+            [np.ones((G, N.size)), np.exp(-ab[:, :1] * logx[None, :]), np.exp(-ab[:, 1:] * logd[None, :])], axis=2
+        )
         return _nnls_batch(Z, L)
 
     lo, hi = EXPONENT_RANGE
@@ -265,15 +275,28 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], *
         return _nnls_one(np.stack([ones, np.exp(-a * logx), np.exp(-b * logd)], axis=1), L)
 
     for start in np.argsort(rss)[:2]:  # refine the two best grid points
-        res = minimize(profile_rss, np.log(ab[start]), method="Nelder-Mead", bounds=bounds,
-                       options={"xatol": 1e-7, "fatol": 1e-15, "maxiter": 1000})
+        res = minimize(
+            profile_rss,
+            np.log(ab[start]),
+            method="Nelder-Mead",
+            bounds=bounds,
+            options={"xatol": 1e-7, "fatol": 1e-15, "maxiter": 1000},
+        )
         if res.fun < best_rss:
             best_ab, best_rss = np.exp(res.x), float(res.fun)
     coef, final = solve(np.asarray(best_ab, dtype=float)[None, :])
     E, A_s, B_s = coef[0]
     alpha, beta = float(best_ab[0]), float(best_ab[1])
-    return ChinchillaFit(E=float(E), A=float(A_s * n0 ** alpha), alpha=alpha, B=float(B_s * d0 ** beta), beta=beta,
-                         rss=float(final[0]), n_points=int(N.size), at_bound=_at_bound(alpha) or _at_bound(beta))
+    return ChinchillaFit(
+        E=float(E),
+        A=float(A_s * n0**alpha),
+        alpha=alpha,
+        B=float(B_s * d0**beta),
+        beta=beta,
+        rss=float(final[0]),
+        n_points=int(N.size),
+        at_bound=_at_bound(alpha) or _at_bound(beta),
+    )
 
 
 # ---------------------------------------------------------------- compute-optimal allocation
@@ -442,7 +465,7 @@ def non_embedding_params(model_config) -> int:
     if not isinstance(model_config, GPTConfig):
         raise ValueError(f"non_embedding_params expects a GPTConfig (or a GPT), got {type(model_config).__name__}")
     c = model_config
-    rough = c.n_layer * 12 * c.n_embd ** 2 * (c.n_expert or 1) + (c.vocab_size + c.block_size) * c.n_embd
+    rough = c.n_layer * 12 * c.n_embd**2 * (c.n_expert or 1) + (c.vocab_size + c.block_size) * c.n_embd
     with torch.random.fork_rng(devices=[]), torch.device("meta" if rough > 50_000_000 else "cpu"):
         model = GPT(c)
     return int(sum(p.numel() for name, p in model.named_parameters() if name.startswith(("blocks.", "ln_f."))))

@@ -70,9 +70,7 @@ class Lab:
             return get_tokenizer("bpe", text=train_text, vocab_size=size)
         return get_tokenizer(name)
 
-    def data(
-        self, corpus: str = "tinyshakespeare", tokenizer="char", *, train_fraction: float = 1.0
-    ) -> TokenData:
+    def data(self, corpus: str = "tinyshakespeare", tokenizer="char", *, train_fraction: float = 1.0) -> TokenData:
         tok = self.tokenizer(tokenizer, corpus) if isinstance(tokenizer, str) else tokenizer
         return prepare(corpus, tok, train_fraction=train_fraction)
 
@@ -82,7 +80,10 @@ class Lab:
         scale = scale or self.profile.pretraining.baby
         sizes = dict(
             vocab_size=data.tokenizer.vocab_size,
-            block_size=scale.block_size, n_layer=scale.n_layer, n_head=scale.n_head, n_embd=scale.n_embd,
+            block_size=scale.block_size,
+            n_layer=scale.n_layer,
+            n_head=scale.n_head,
+            n_embd=scale.n_embd,
         )
         return GPTConfig(**{**sizes, **overrides})
 
@@ -95,8 +96,12 @@ class Lab:
         """pretrain() with the architecture ablations' shared budget (steps, batch, lr)."""
         a = self.profile.architecture
         budget = dict(
-            max_steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
-            eval_interval=a.eval_interval, eval_batches=a.eval_batches,
+            max_steps=a.steps,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            warmup_steps=a.warmup_steps,
+            eval_interval=a.eval_interval,
+            eval_batches=a.eval_batches,
         )
         return self.pretrain(data, model_config, seed=seed, **{**budget, **train_overrides})
 
@@ -144,17 +149,26 @@ class Lab:
         diverged = run_dir / "diverged.json"
         if diverged.exists():
             info = json.loads(diverged.read_text())
-            raise TrainingDivergedError(info["message"], step=info["step"], history=info["history"], evals=info["evals"])
+            raise TrainingDivergedError(
+                info["message"], step=info["step"], history=info["history"], evals=info["evals"]
+            )
         if (run_dir / "done").exists():
             return TrainResult.load(run_dir / "last")
         try:
             result = train(
-                model_config, tc, data, out_dir=run_dir, resume=(run_dir / "last").exists(),
-                progress=self.progress, init_from=init_from,
+                model_config,
+                tc,
+                data,
+                out_dir=run_dir,
+                resume=(run_dir / "last").exists(),
+                progress=self.progress,
+                init_from=init_from,
             )
         except TrainingDivergedError as exc:
             tmp = diverged.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"message": str(exc), "step": exc.step, "history": exc.history, "evals": exc.evals}))
+            tmp.write_text(
+                json.dumps({"message": str(exc), "step": exc.step, "history": exc.history, "evals": exc.evals})
+            )
             tmp.replace(diverged)
             raise
         (run_dir / "done").write_text(json.dumps(result.to_dict(), default=str))

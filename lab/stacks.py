@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -123,8 +123,7 @@ class Stack:
         tokens, latencies = self._run(prompt, n_new)
         if len(tokens) != n_new or len(latencies) != n_new:
             raise RuntimeError(
-                f"stack {self.name!r} returned {len(tokens)} tokens and {len(latencies)} latencies "
-                f"for n_new={n_new}"
+                f"stack {self.name!r} returned {len(tokens)} tokens and {len(latencies)} latencies for n_new={n_new}"
             )
         return Decoded([int(t) for t in tokens], [float(x) for x in latencies])
 
@@ -133,7 +132,11 @@ def _check_prompt(prompt) -> torch.Tensor:
     if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
     if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.int64 or prompt.dim() != 2 or prompt.shape[0] != 1:
-        got = f"{prompt.dtype} tensor of shape {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        got = (
+            f"{prompt.dtype} tensor of shape {tuple(prompt.shape)}"
+            if isinstance(prompt, torch.Tensor)
+            else type(prompt).__name__
+        )
         raise ValueError(f"prompt must be an int64 tensor of shape (1, T) or (T,) (one sequence), got {got}")
     if prompt.shape[1] < 1:
         raise ValueError("prompt must hold at least one token")
@@ -233,7 +236,7 @@ def _lab_runner(model):
         finally:
             handle.remove()
         stamps = stamps[-n_new:]  # a long prompt is prefilled in chunks: the last one predicts
-        return out[0, prompt.shape[1]:].tolist(), [b - a for a, b in zip([t0, *stamps[:-1]], stamps)]
+        return out[0, prompt.shape[1] :].tolist(), [b - a for a, b in zip([t0, *stamps[:-1]], stamps)]
 
     return run
 
@@ -269,8 +272,12 @@ def _hf_runner(hf, *, static: bool, max_len: int, compile_config=None):
             )
         clock = _TokenClock()
         kwargs = dict(
-            max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, streamer=clock,
-            pad_token_id=0, attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=0,
+            attention_mask=torch.ones_like(prompt),
         )
         if static:
             kwargs.update(cache_implementation="static", max_cache_len=max_len)
@@ -310,9 +317,16 @@ def load_hf_twin(model, export_dir=None, *, attn_implementation: str = "eager"):
 
     path = _export(model, export_dir)
     device = model.lm_head.weight.device
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, attn_implementation=attn_implementation, dtype=model.lm_head.weight.dtype,
-    ).to(device).eval()
+    hf = (
+        transformers.AutoModelForCausalLM.from_pretrained(
+            path,
+            local_files_only=True,
+            attn_implementation=attn_implementation,
+            dtype=model.lm_head.weight.dtype,
+        )
+        .to(device)
+        .eval()
+    )
     probe = torch.arange(min(8, model.config.block_size), device=device).remainder(model.config.vocab_size)[None]
     with torch.no_grad():
         want = model(probe)[0]
@@ -352,12 +366,18 @@ def _vllm_runner(model, export_dir, max_len: int):
     path = _export(model, export_dir)
 
     llm = vllm.LLM(
-        model=str(path), skip_tokenizer_init=True, dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
-        max_model_len=max_len, gpu_memory_utilization=0.3, seed=0,
+        model=str(path),
+        skip_tokenizer_init=True,
+        dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
+        max_model_len=max_len,
+        gpu_memory_utilization=0.3,
+        seed=0,
     )
 
     def run(prompt, n_new):
-        params = vllm.SamplingParams(temperature=0.0, max_tokens=n_new, min_tokens=n_new, ignore_eos=True, detokenize=False)
+        params = vllm.SamplingParams(
+            temperature=0.0, max_tokens=n_new, min_tokens=n_new, ignore_eos=True, detokenize=False
+        )
         t0 = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": prompt[0].tolist()}], params, use_tqdm=False)
         t1 = time.perf_counter()
@@ -369,9 +389,11 @@ def _vllm_runner(model, export_dir, max_len: int):
             ttft = max(first - arrival, 0.0)
         else:  # this vLLM keeps no per-request timings: time a one-token request
             t2 = time.perf_counter()
-            llm.generate([{"prompt_token_ids": prompt[0].tolist()}],
-                         vllm.SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False),
-                         use_tqdm=False)
+            llm.generate(
+                [{"prompt_token_ids": prompt[0].tolist()}],
+                vllm.SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False),
+                use_tqdm=False,
+            )
             ttft = time.perf_counter() - t2 if n_new > 1 else t1 - t0
         rest = max(t1 - t0 - ttft, 0.0)
         return tokens, [ttft] + [rest / (n_new - 1)] * (n_new - 1)
@@ -472,7 +494,9 @@ def build_stacks(
                     raise StackUnavailable("transformers is not installed")
                 m = hf_model()
                 try:
-                    run = _compile_runner(m, max_len=max_len, backend=compile_backend, mode=compile_mode, warmup_prompt=warm)
+                    run = _compile_runner(
+                        m, max_len=max_len, backend=compile_backend, mode=compile_mode, warmup_prompt=warm
+                    )
                 except StackUnavailable:
                     raise
                 except Exception as exc:  # noqa: BLE001 - compilers fail in many ways

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -31,8 +31,7 @@ class Interval:
             return f"{self.estimate:.4g} (n={self.n}: too few seeds for an interval)"
         name = "t-interval" if self.method == "t" else "bootstrap percentile interval"
         return (
-            f"{self.estimate:.4g}, {self.confidence:.0%} {name} "
-            f"[{self.low:.4g}, {self.high:.4g}] over n={self.n} seeds"
+            f"{self.estimate:.4g}, {self.confidence:.0%} {name} [{self.low:.4g}, {self.high:.4g}] over n={self.n} seeds"
         )
 
 
@@ -49,9 +48,7 @@ def _check(values: Sequence[float], confidence: float, method: str) -> np.ndarra
     return arr
 
 
-def mean_interval(
-    values: Sequence[float], *, method: str = "t", confidence: float = 0.95
-) -> Interval:
+def mean_interval(values: Sequence[float], *, method: str = "t", confidence: float = 0.95) -> Interval:
     """Interval for the mean of per-seed values.
 
     `t`: Student-t interval, mean +- t_{(1+c)/2, n-1} * s / sqrt(n).

@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
@@ -148,7 +148,7 @@ def sample_corpus(
             ctx = out[:, -context:]
             new = min(block - ctx.shape[1], per_stream - (out.shape[1] - start))
             window = model.generate(ctx, new, temperature=temperature, top_k=top_k, generator=generator)
-            out = torch.cat([out, window[:, ctx.shape[1]:]], dim=1)
+            out = torch.cat([out, window[:, ctx.shape[1] :]], dim=1)
     finally:
         model.train(was_training)
     rows = out[:, start:].cpu().tolist()
@@ -319,15 +319,25 @@ def collapse_chain(
 
     def sample(model, generation: int) -> str:
         need = sample_chars if generation == generations - 1 else max(sample_chars, n_syn)
-        return sample_corpus(model, tokenizer, need, temperature=temperature, seed=seed * 1009 + generation,
-                             n_streams=n_streams)
+        return sample_corpus(
+            model, tokenizer, need, temperature=temperature, seed=seed * 1009 + generation, n_streams=n_streams
+        )
 
     def step(generation: int, text: str, real: int, syn: int, source: str) -> Generation:
         check_vocabulary(text, tokenizer)
         data = prepare(text=text, tokenizer=tokenizer, val_fraction=val_fraction)
         model = train(data, generation)
-        return Generation(generation, real / n_chars, real, syn, source, float(evaluate(model)),
-                          sample(model, generation), text, model)
+        return Generation(
+            generation,
+            real / n_chars,
+            real,
+            syn,
+            source,
+            float(evaluate(model)),
+            sample(model, generation),
+            text,
+            model,
+        )
 
     if first is not None:
         if not isinstance(first, Generation) or first.generation != 0:

@@ -100,7 +100,9 @@ def gains_per_doubling(vocab_sizes: Sequence[int], values: Sequence[float]) -> l
     for x in values:
         if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)) or not math.isfinite(x):
             raise ValueError(f"values must be finite numbers, got {x!r}")
-    return [(c1 - c0) / math.log2(v1 / v0) for (v0, c0), (v1, c1) in zip(zip(sizes, values), zip(sizes[1:], values[1:]))]
+    return [
+        (c1 - c0) / math.log2(v1 / v0) for (v0, c0), (v1, c1) in zip(zip(sizes, values), zip(sizes[1:], values[1:]))
+    ]
 
 
 # ------------------------------------------------------------------------ splits
@@ -209,8 +211,9 @@ def _ids(ids, vocab: int, what: str) -> list[int]:
     return out
 
 
-def embedding_neighbours(embeddings, ids: Iterable[int], k: int, *, among: Iterable[int] | None = None
-                         ) -> dict[int, list[tuple[int, float]]]:
+def embedding_neighbours(
+    embeddings, ids: Iterable[int], k: int, *, among: Iterable[int] | None = None
+) -> dict[int, list[tuple[int, float]]]:
     """{id: [(neighbour id, cosine), ...]}: the k rows most cosine-similar to each row in
     `ids`, best first, the row itself excluded. `among` restricts the candidates
     (default: the whole vocabulary). Ties go to the smaller id."""
@@ -344,13 +347,16 @@ def ids_of(tokenizer, chars: Iterable[str]) -> list[int]:
     for c in chars:
         ids = tokenizer.encode(_check_text(c, "each character"))
         if len(ids) != 1:
-            raise ValueError(f"{c!r} is {len(ids)} tokens under {getattr(tokenizer, 'name', 'this tokenizer')}, not one")
+            raise ValueError(
+                f"{c!r} is {len(ids)} tokens under {getattr(tokenizer, 'name', 'this tokenizer')}, not one"
+            )
         out.append(ids[0])
     return out
 
 
 def neighbour_rows(tokenizer, neighbours: Mapping[int, list[tuple[int, float]]]) -> list[dict]:
     """Table rows for `embedding_neighbours`: each token and its neighbours as text."""
+
     def show(i: int) -> str:
         return repr(tokenizer.decode([i]))
 

@@ -145,8 +145,13 @@ def test_full_prefix_makes_the_attention_pattern_bidirectional():
 
 @pytest.mark.parametrize(
     "prefix_len, match",
-    [(11, r"prefix_len values must lie in \[0, T=10\]"), (-1, "prefix_len"), (2.5, "prefix_len"),
-     (torch.tensor([1, 2, 3]), "prefix_len"), (torch.tensor([1.0, 2.0]), "prefix_len")],
+    [
+        (11, r"prefix_len values must lie in \[0, T=10\]"),
+        (-1, "prefix_len"),
+        (2.5, "prefix_len"),
+        (torch.tensor([1, 2, 3]), "prefix_len"),
+        (torch.tensor([1.0, 2.0]), "prefix_len"),
+    ],
 )
 def test_prefix_len_is_validated(prefix_len, match):
     model = make()
@@ -442,8 +447,9 @@ def test_no_residual_changes_the_output():
     with_res, without = make(), make(residual=False)
     assert not torch.allclose(logits(with_res, idx), logits(without, idx), atol=1e-4)
     # without a residual, the token embedding only reaches the output through the blocks
-    assert not torch.allclose(logits(make(norm_position="post"), idx),
-                              logits(make(norm_position="post", residual=False), idx), atol=1e-4)
+    assert not torch.allclose(
+        logits(make(norm_position="post"), idx), logits(make(norm_position="post", residual=False), idx), atol=1e-4
+    )
 
 
 def test_describe_names_the_ablations():
@@ -489,9 +495,20 @@ def test_init_std_sets_the_weight_scale():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("qk_scale", 0.0), ("qk_scale", -1.0), ("qk_scale", float("inf")), ("init_std", 0.0),
-     ("init_std", float("nan")), ("residual", 1), ("residual", "no"), ("norm_position", "both"),
-     ("n_expert", 1), ("n_expert", 2.0), ("moe_aux_weight", -0.1), ("moe_aux_weight", float("nan"))],
+    [
+        ("qk_scale", 0.0),
+        ("qk_scale", -1.0),
+        ("qk_scale", float("inf")),
+        ("init_std", 0.0),
+        ("init_std", float("nan")),
+        ("residual", 1),
+        ("residual", "no"),
+        ("norm_position", "both"),
+        ("n_expert", 1),
+        ("n_expert", 2.0),
+        ("moe_aux_weight", -0.1),
+        ("moe_aux_weight", float("nan")),
+    ],
 )
 def test_config_rejects_bad_new_values(field, value):
     with pytest.raises(ValueError, match=field):
@@ -514,8 +531,17 @@ def test_config_rejects_sinusoidal_with_odd_n_embd():
 
 def test_new_config_fields_round_trip():
     config = GPTConfig(
-        **BASE, pos="alibi", mlp="relu", norm_position="post", residual=False, qk_scale=0.5,
-        init_std=0.05, n_expert=3, moe_top_k=1, moe_aux_weight=0.1, sliding_window=4,
+        **BASE,
+        pos="alibi",
+        mlp="relu",
+        norm_position="post",
+        residual=False,
+        qk_scale=0.5,
+        init_std=0.05,
+        n_expert=3,
+        moe_top_k=1,
+        moe_aux_weight=0.1,
+        sliding_window=4,
     )
     assert GPTConfig.from_dict(config.to_dict()) == config
 
@@ -719,8 +745,7 @@ def test_moe_model_trains_and_records_routing():
     result = train(mc, tc, toy_data(), progress=False)
     assert len(result.history) == 4
     for record in result.history:
-        assert set(record) == {"step", "lr", "train_loss", "grad_norm", "block_grad_norms",
-                               "expert_load", "aux_loss"}
+        assert set(record) == {"step", "lr", "train_loss", "grad_norm", "block_grad_norms", "expert_load", "aux_loss"}
         assert len(record["expert_load"]) == 2 and all(len(layer) == 3 for layer in record["expert_load"])
         assert all(sum(layer) == pytest.approx(1.0) for layer in record["expert_load"])
         # aux loss is weight * (>= ~1 per layer), added for the gradient only

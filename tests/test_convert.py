@@ -3,7 +3,9 @@ import torch
 
 from lab.models import GPT, GPTConfig, mean_pool_kv_heads
 
-CFG = dict(vocab_size=17, block_size=16, n_layer=2, n_head=4, n_embd=32, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+CFG = dict(
+    vocab_size=17, block_size=16, n_layer=2, n_head=4, n_embd=32, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False
+)
 
 
 def test_pooling_identical_heads_changes_nothing():

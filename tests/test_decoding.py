@@ -6,7 +6,9 @@ import torch
 from lab.decoding import hf_decode_latencies, lab_decode_latencies, tail_to_head_ratio
 from lab.models import GPT, GPTConfig
 
-CFG = dict(vocab_size=23, block_size=48, n_layer=2, n_head=4, n_embd=32, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+CFG = dict(
+    vocab_size=23, block_size=48, n_layer=2, n_head=4, n_embd=32, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False
+)
 
 
 @pytest.fixture(scope="module")

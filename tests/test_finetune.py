@@ -36,8 +36,18 @@ TINY = dict(steps=6, batch_size=4, block_size=16, eval_interval=3, eval_batches=
 
 
 def _export(path, seed=0):
-    config = GPTConfig(vocab_size=TOK.vocab_size, block_size=16, n_layer=2, n_head=4, n_embd=32, n_kv_head=2,
-                       pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    config = GPTConfig(
+        vocab_size=TOK.vocab_size,
+        block_size=16,
+        n_layer=2,
+        n_head=4,
+        n_embd=32,
+        n_kv_head=2,
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+    )
     torch.manual_seed(seed)
     export_hf(GPT(config), path)
     return path
@@ -57,9 +67,14 @@ def cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "changes, field",
     [
-        ({"rank": 0}, "rank"), ({"rank": -4}, "rank"), ({"method": "prefix"}, "method"), ({"lr": 0}, "lr"),
-        ({"replay_fraction": 1.0}, "replay_fraction"), ({"target_modules": ()}, "target_modules"),
-        ({"target_modules": ["q_proj"]}, "target_modules"), ({"steps": 0}, "steps"),
+        ({"rank": 0}, "rank"),
+        ({"rank": -4}, "rank"),
+        ({"method": "prefix"}, "method"),
+        ({"lr": 0}, "lr"),
+        ({"replay_fraction": 1.0}, "replay_fraction"),
+        ({"target_modules": ()}, "target_modules"),
+        ({"target_modules": ["q_proj"]}, "target_modules"),
+        ({"steps": 0}, "steps"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(changes, field):
@@ -69,7 +84,9 @@ def test_config_rejects_bad_values_naming_them(changes, field):
 
 def test_unknown_target_modules_list_the_names_that_exist(base):
     model = load_base(base, "lora")
-    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(linear_module_names(model))
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(
+        linear_module_names(model)
+    )
     with pytest.raises(ValueError, match=r"\['c_attn'\] match no Linear layer.*'q_proj'"):
         check_targets(model, ("q_proj", "c_attn"))
     with pytest.raises(ValueError, match="c_attn"):
@@ -122,7 +139,8 @@ def test_full_finetuning_trains_everything(base, cache):
     assert result.layer_stats[-1]["layers"]["1"]["delta"] > 0
     model = load_finetuned(result)
     assert hf_loss(model, NEW.val, block_size=16, batch_size=4, n_batches=2) == pytest.approx(
-        result.final["new_val"], abs=1e-5)
+        result.final["new_val"], abs=1e-5
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
@@ -138,13 +156,17 @@ def test_qlora_uses_a_4bit_base(base, cache):
 
 def test_4bit_without_bitsandbytes_is_a_clear_error(base, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     with pytest.raises(ImportError, match="bitsandbytes"):
         prepare_model(base, FinetuneConfig(method="qlora"))
 
 
 def test_divergence_is_recorded_not_raised(base, cache):
-    result = finetune(base, NEW, OLD, FinetuneConfig(method="full", grad_clip=0.0, **{**TINY, "lr": 1e12}), progress=False)
+    result = finetune(
+        base, NEW, OLD, FinetuneConfig(method="full", grad_clip=0.0, **{**TINY, "lr": 1e12}), progress=False
+    )
     assert result.diverged
     assert result.history[-1]["step"] <= TINY["steps"]
 

@@ -21,9 +21,7 @@ from lab.models.hf import (  # noqa: E402
 )
 
 TINY = dict(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64)
-HAS_LLAMA_FIELDS = all(
-    name in GPTConfig.__dataclass_fields__ for name in ("n_kv_head", "pos", "norm", "mlp")
-)
+HAS_LLAMA_FIELDS = all(name in GPTConfig.__dataclass_fields__ for name in ("n_kv_head", "pos", "norm", "mlp"))
 needs_llama = pytest.mark.skipif(
     not HAS_LLAMA_FIELDS, reason="GPTConfig has no n_kv_head/pos/norm/mlp fields yet (Llama-style GPT)"
 )

@@ -6,9 +6,19 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from lab.inspect import FINAL, POINTS, HookError, adapter, capture, check_length, hook_names, patch, resolve, run_with_cache
+from lab.inspect import (
+    FINAL,
+    POINTS,
+    HookError,
+    adapter,
+    capture,
+    check_length,
+    hook_names,
+    patch,
+    resolve,
+    run_with_cache,
+)
 from lab.inspect import attention as att
 from lab.inspect.hooks import mean_ablation, zero_ablation
 from lab.inspect.properties import is_vowel, line_position, previous_char, stack_labels, word_end
@@ -61,8 +71,14 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=20)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=20,
+    )
     return BertModel(cfg).eval()
 
 
@@ -214,14 +230,20 @@ def test_same_names_same_values_on_lab_model_and_its_hf_export(hf_llama):
     torch.testing.assert_close(out_lab, out_hf, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", [{}, {"n_kv_head": 2, "pos": "rope", "norm": "rmsnorm"}, {"n_expert": 4, "moe_top_k": 2}])
+@pytest.mark.parametrize(
+    "config", [{}, {"n_kv_head": 2, "pos": "rope", "norm": "rmsnorm"}, {"n_expert": 4, "moe_top_k": 2}]
+)
 def test_pre_norm_stream_identities(config):
     model = _gpt(**config)
     idx = _idx()
     _, c = run_with_cache(model, idx, ["*"])
     for i in range(2):
-        torch.testing.assert_close(c[f"blocks.{i}.hook_resid_mid"], c[f"blocks.{i}.hook_resid_pre"] + c[f"blocks.{i}.hook_attn_out"])
-        torch.testing.assert_close(c[f"blocks.{i}.hook_resid_post"], c[f"blocks.{i}.hook_resid_mid"] + c[f"blocks.{i}.hook_mlp_out"])
+        torch.testing.assert_close(
+            c[f"blocks.{i}.hook_resid_mid"], c[f"blocks.{i}.hook_resid_pre"] + c[f"blocks.{i}.hook_attn_out"]
+        )
+        torch.testing.assert_close(
+            c[f"blocks.{i}.hook_resid_post"], c[f"blocks.{i}.hook_resid_mid"] + c[f"blocks.{i}.hook_mlp_out"]
+        )
     torch.testing.assert_close(c["blocks.1.hook_resid_pre"], c["blocks.0.hook_resid_post"])
     torch.testing.assert_close(c[FINAL], model.final_hidden(idx))
 
@@ -230,8 +252,12 @@ def test_post_norm_lab_model_resid_mid_is_the_normed_stream():
     model = _gpt(norm_position="post")
     _, c = run_with_cache(model, _idx(), ["blocks.0.*"])
     block = model.blocks[0]
-    torch.testing.assert_close(c["blocks.0.hook_resid_mid"], block.ln_1(c["blocks.0.hook_resid_pre"] + c["blocks.0.hook_attn_out"]))
-    torch.testing.assert_close(c["blocks.0.hook_resid_post"], block.ln_2(c["blocks.0.hook_resid_mid"] + c["blocks.0.hook_mlp_out"]))
+    torch.testing.assert_close(
+        c["blocks.0.hook_resid_mid"], block.ln_1(c["blocks.0.hook_resid_pre"] + c["blocks.0.hook_attn_out"])
+    )
+    torch.testing.assert_close(
+        c["blocks.0.hook_resid_post"], block.ln_2(c["blocks.0.hook_resid_mid"] + c["blocks.0.hook_mlp_out"])
+    )
 
 
 def test_pattern_hook_matches_attention_patterns_method():
@@ -248,8 +274,12 @@ def test_bert_post_norm_identities_and_output(tiny_bert):
     out, c = run_with_cache(tiny_bert, idx, ["*"])
     for i, layer in enumerate(tiny_bert.encoder.layer):
         ln1, ln2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
-        torch.testing.assert_close(c[f"blocks.{i}.hook_resid_mid"], ln1(c[f"blocks.{i}.hook_resid_pre"] + c[f"blocks.{i}.hook_attn_out"]))
-        torch.testing.assert_close(c[f"blocks.{i}.hook_resid_post"], ln2(c[f"blocks.{i}.hook_resid_mid"] + c[f"blocks.{i}.hook_mlp_out"]))
+        torch.testing.assert_close(
+            c[f"blocks.{i}.hook_resid_mid"], ln1(c[f"blocks.{i}.hook_resid_pre"] + c[f"blocks.{i}.hook_attn_out"])
+        )
+        torch.testing.assert_close(
+            c[f"blocks.{i}.hook_resid_post"], ln2(c[f"blocks.{i}.hook_resid_mid"] + c[f"blocks.{i}.hook_mlp_out"])
+        )
         p = c[f"blocks.{i}.attn.hook_pattern"]
         assert p.shape == (2, 4, 12, 12)
         torch.testing.assert_close(p.sum(-1), torch.ones(2, 4, 12))
@@ -343,7 +373,10 @@ def test_attention_stats_on_known_patterns():
     torch.testing.assert_close(att.entropy(prev), torch.zeros(1))
     torch.testing.assert_close(att.offset_share(prev, -1), torch.ones(1))
     torch.testing.assert_close(att.mean_distance(prev), torch.ones(1))
-    torch.testing.assert_close(att.key_share(uni, 0, min_query=1), torch.tensor([np.mean([1 / (q + 1) for q in range(1, T)])], dtype=torch.float32))
+    torch.testing.assert_close(
+        att.key_share(uni, 0, min_query=1),
+        torch.tensor([np.mean([1 / (q + 1) for q in range(1, T)])], dtype=torch.float32),
+    )
     bidir = att.uniform_pattern(T, causal=False)
     torch.testing.assert_close(att.entropy(bidir, causal=False), torch.ones(1))
 
@@ -403,7 +436,9 @@ def test_stream_and_write_norms():
     assert len(w["attn"]) == len(w["mlp"]) == 2
     mask = torch.tensor([[1] * 16, [1] * 8 + [0] * 8])
     masked = stream_norms(c, 2, mask)
-    assert masked[0] == pytest.approx(torch.cat([c["blocks.0.hook_resid_pre"][0], c["blocks.0.hook_resid_pre"][1, :8]]).norm(dim=-1).mean().item())
+    assert masked[0] == pytest.approx(
+        torch.cat([c["blocks.0.hook_resid_pre"][0], c["blocks.0.hook_resid_pre"][1, :8]]).norm(dim=-1).mean().item()
+    )
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])

@@ -64,8 +64,15 @@ def test_config_from_dict_names_missing_key():
 
 def test_config_with_components_round_trips_and_old_dicts_still_load():
     config = GPTConfig(
-        **TINY, n_kv_head=1, pos="rope", rope_theta=500.0, norm="rmsnorm", norm_eps=1e-6,
-        mlp="swiglu", mlp_hidden=40, sliding_window=8,
+        **TINY,
+        n_kv_head=1,
+        pos="rope",
+        rope_theta=500.0,
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        mlp="swiglu",
+        mlp_hidden=40,
+        sliding_window=8,
     )
     assert GPTConfig.from_dict(config.to_dict()) == config
     # a dict saved before the component fields existed means today's defaults
@@ -206,8 +213,17 @@ def test_causal_for_every_component_combination(c, cut, seed):
     n_kv = max(1, c["n_head"] // c["kv_div"])
     window = c["window"] if c["pos"] != "learned" else None
     config = GPTConfig(
-        vocab_size=11, block_size=10, n_layer=2, n_head=c["n_head"], n_embd=16, n_kv_head=n_kv,
-        pos=c["pos"], norm=c["norm"], mlp=c["mlp"], sliding_window=window, bias=c["bias"],
+        vocab_size=11,
+        block_size=10,
+        n_layer=2,
+        n_head=c["n_head"],
+        n_embd=16,
+        n_kv_head=n_kv,
+        pos=c["pos"],
+        norm=c["norm"],
+        mlp=c["mlp"],
+        sliding_window=window,
+        bias=c["bias"],
     )
     torch.manual_seed(seed)
     m = GPT(config).eval()
@@ -482,8 +498,9 @@ def test_sample_next_rejects_bad_logits():
 
 
 @given(
-    rows=st.lists(st.lists(st.floats(-20, 20), min_size=2, max_size=30), min_size=1, max_size=4)
-    .filter(lambda rs: len({len(r) for r in rs}) == 1),
+    rows=st.lists(st.lists(st.floats(-20, 20), min_size=2, max_size=30), min_size=1, max_size=4).filter(
+        lambda rs: len({len(r) for r in rs}) == 1
+    ),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_temperature_to_zero_equals_greedy(rows, seed):

@@ -26,7 +26,7 @@ from lab.ablations import (
 from lab.models import GPT, GPTConfig
 from lab.probes import ProbeResult, control_labels, fit_probe
 from lab.train import CheckpointError, TrainConfig, evaluate, make_optimizer, train, train_step
-from lab.train.objectives import OBJECTIVES, objective_batch, next_token_nll
+from lab.train.objectives import OBJECTIVES, next_token_nll, objective_batch
 
 VOCAB = 12  # the toy data's ids are 0..11
 MODEL = GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=16)
@@ -102,9 +102,7 @@ def test_prefix_lm_needs_two_tokens():
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    B=st.integers(1, 6), T=st.integers(1, 20), p=st.floats(0.01, 0.9), seed=st.integers(0, 2**16)
-)
+@given(B=st.integers(1, 6), T=st.integers(1, 20), p=st.floats(0.01, 0.9), seed=st.integers(0, 2**16))
 def test_mlm_masks_exactly_the_scored_positions(B, T, p, seed):
     x, y = batch(B, T, seed)
     mask_id = VOCAB
@@ -278,9 +276,7 @@ def test_train_step_block_norms_are_the_pre_clip_gradient_norms():
     stats = {}
     # grad_clip=0: the gradients are left unscaled, so they can be checked after the step
     loss, total = train_step(model, optimizer, x, y, grad_clip=0.0, stats=stats)
-    expected = [
-        torch.sqrt(sum(p.grad.pow(2).sum() for p in block.parameters())).item() for block in model.blocks
-    ]
+    expected = [torch.sqrt(sum(p.grad.pow(2).sum() for p in block.parameters())).item() for block in model.blocks]
     assert stats["block_grad_norms"] == pytest.approx(expected, rel=1e-5)
     assert "expert_load" not in stats and "aux_loss" not in stats
     # with clipping, the recorded norms are still the pre-clip ones
@@ -498,10 +494,10 @@ def test_compare_runs_records_plots_and_tabulates(runs):
         [("base_val_loss", runs["base"][s].final_val_loss, s, "nats/token") for s in (0, 1)]
         + [("wide_val_loss", runs["wide"][0].final_val_loss, 0, "nats/token")]
     )
-    (name, lines, kw), = outcome.plots
+    ((name, lines, kw),) = outcome.plots
     assert name == "val_curves" and set(lines) == {"base", "wide"} and kw["title"] == "width"
     assert lines["base"] == mean_curve(runs["base"])
-    (name, rows, _), = outcome.tables
+    ((name, rows, _),) = outcome.tables
     assert name == "final_losses" and rows == summary_rows(runs, baseline="base")
 
 

@@ -1,13 +1,10 @@
 """The pytest plugin end to end, in throwaway projects made by pytester."""
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -125,7 +122,9 @@ def test_bad_profile_seeds_and_store_are_usage_errors(project):
     res = project.runpytest_subprocess("--lab-seeds", "1,x")
     assert "--lab-seeds expects comma-separated ints, got '1,x'" in res.stderr.str()
     (project.path / "afile").write_text("")
-    res = project.runpytest_subprocess("--lab-profile", "smoke", "--lab-store", str(project.path / "afile" / "s.sqlite"))
+    res = project.runpytest_subprocess(
+        "--lab-profile", "smoke", "--lab-store", str(project.path / "afile" / "s.sqlite")
+    )
     assert "cannot write the results store at" in res.stderr.str()
     assert "is not a directory" in res.stderr.str()
     assert res.ret == pytest.ExitCode.USAGE_ERROR
@@ -174,7 +173,7 @@ def test_xdist_workers_share_one_run(project):
 def test_killed_run_leaves_no_half_rows(pytester):
     pytester.makeconftest('pytest_plugins = ["lab.report.plugin"]')
     pytester.makepyfile(
-        test_kill='''
+        test_kill="""
         import os, signal
         from lab.report import prediction, at_least
 
@@ -187,12 +186,14 @@ def test_killed_run_leaves_no_half_rows(pytester):
         def test_b_killed(outcome):
             outcome.record("x", 1.0)
             os.kill(os.getpid(), signal.SIGKILL)
-        '''
+        """
     )
     store = pytester.path / "s.sqlite"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--lab-profile", "smoke", "--lab-store", str(store), "-p", "no:cacheprovider"],
-        cwd=pytester.path, capture_output=True, text=True,
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == -signal.SIGKILL
     con = sqlite3.connect(store)
@@ -235,7 +236,7 @@ def test_benchmark_stats_are_stored(pytester, monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     pytester.makeconftest('pytest_plugins = ["lab.report.plugin"]')
     pytester.makepyfile(
-        '''
+        """
         import pytest
 
         @pytest.mark.parametrize("n", [10, 1000])
@@ -244,7 +245,7 @@ def test_benchmark_stats_are_stored(pytester, monkeypatch):
             benchmark.extra_info["n"] = n
             benchmark(lambda: sum(range(n)))
             outcome.record("mean_s", benchmark.stats.stats.mean)
-        '''
+        """
     )
     store = pytester.path / "s.sqlite"
     pytester.runpytest_subprocess("--lab-profile", "smoke", "--lab-store", str(store)).assert_outcomes(passed=2)
@@ -262,6 +263,8 @@ def test_forget_removes_a_test_ids_results_whole(project):
     nodeid = "test_hyp.py::test_param[1]"
     assert forget(store, nodeid) == 1
     assert not store.query("SELECT * FROM results WHERE nodeid = ?", (nodeid,))
-    orphans = store.query("SELECT COUNT(*) AS n FROM measurements WHERE result_id NOT IN (SELECT result_id FROM results)")
+    orphans = store.query(
+        "SELECT COUNT(*) AS n FROM measurements WHERE result_id NOT IN (SELECT result_id FROM results)"
+    )
     assert orphans[0]["n"] == 0
     assert store.query("SELECT COUNT(*) AS n FROM predictions WHERE nodeid = ?", (nodeid,))[0]["n"] == 1

@@ -206,19 +206,24 @@ def _write(tmp_path, lines):
 GOOD = json.dumps({"prompt": "name th: ", "chosen": "thee\n", "rejected": "thus\n"})
 
 
-@pytest.mark.parametrize("bad, message", [
-    ('{"prompt": "x", "chosen": "a"', "line 3: not valid JSON"),
-    ('["x", "a", "b"]', "line 3: expected a JSON object"),
-    ('{"prompt": "x", "chosen": "a"}', r"line 3: missing key\(s\) \['rejected'\]"),
-    ('{"prompt": "x", "chosen": "", "rejected": "b"}', "line 3: 'chosen' is an empty string"),
-    ('{"prompt": "x", "chosen": "a", "rejected": "a"}', "line 3: 'chosen' equals 'rejected'"),
-    ('{"prompt": 3, "chosen": "a", "rejected": "b"}', "line 3: 'prompt' must be a string"),
-    ('{"prompt": "x", "chosen": "a", "rejected": "b", "choosen": "a"}', r"line 3: unknown key\(s\) \['choosen'\]"),
-    ('{"prompt": "x", "chosen": "a", "rejected": "b", "chosen_score": 0.1, "rejected_score": 0.9}',
-     "line 3: 'chosen_score' 0.1 is below 'rejected_score' 0.9"),
-    ('{"prompt": "x", "chosen": "a", "rejected": "b", "chosen_score": 0.1}', "line 3: give both"),
-    ("", "line 3: empty line"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"prompt": "x", "chosen": "a"', "line 3: not valid JSON"),
+        ('["x", "a", "b"]', "line 3: expected a JSON object"),
+        ('{"prompt": "x", "chosen": "a"}', r"line 3: missing key\(s\) \['rejected'\]"),
+        ('{"prompt": "x", "chosen": "", "rejected": "b"}', "line 3: 'chosen' is an empty string"),
+        ('{"prompt": "x", "chosen": "a", "rejected": "a"}', "line 3: 'chosen' equals 'rejected'"),
+        ('{"prompt": 3, "chosen": "a", "rejected": "b"}', "line 3: 'prompt' must be a string"),
+        ('{"prompt": "x", "chosen": "a", "rejected": "b", "choosen": "a"}', r"line 3: unknown key\(s\) \['choosen'\]"),
+        (
+            '{"prompt": "x", "chosen": "a", "rejected": "b", "chosen_score": 0.1, "rejected_score": 0.9}',
+            "line 3: 'chosen_score' 0.1 is below 'rejected_score' 0.9",
+        ),
+        ('{"prompt": "x", "chosen": "a", "rejected": "b", "chosen_score": 0.1}', "line 3: give both"),
+        ("", "line 3: empty line"),
+    ],
+)
 def test_read_preferences_names_the_bad_line(tmp_path, bad, message):
     path = _write(tmp_path, [GOOD, GOOD, bad, GOOD])
     with pytest.raises(ValueError, match=message) as info:
@@ -248,8 +253,9 @@ def test_preference_file_round_trip_and_empty(tmp_path):
 def test_preference_pairs_label_by_score_and_drop_ties():
     model = _gpt()
     prompts = ["the "] * 40
-    pairs, ties = preference_pairs(model, TOK, prompts, len, max_new_tokens=4,
-                                   generator=torch.Generator().manual_seed(0))
+    pairs, ties = preference_pairs(
+        model, TOK, prompts, len, max_new_tokens=4, generator=torch.Generator().manual_seed(0)
+    )
     assert len(pairs) + ties == 40 and ties > 0 and pairs
     assert all(len(p.chosen) > len(p.rejected) and p.chosen_score == len(p.chosen) for p in pairs)
 

@@ -7,8 +7,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lab.report.predictions import (
-    CONFIRMED, INCONCLUSIVE, REFUTED, Prediction, at_least, at_most, between, combine,
-    greater_than, judge, less_than,
+    CONFIRMED,
+    INCONCLUSIVE,
+    REFUTED,
+    Prediction,
+    at_least,
+    at_most,
+    between,
+    combine,
+    greater_than,
+    judge,
+    less_than,
 )
 from lab.stats import mean_interval, point
 

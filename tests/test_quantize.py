@@ -7,7 +7,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
 
 from lab.models import GPT, GPTConfig
 from lab.quantize import (
@@ -31,8 +30,18 @@ from lab.quantize import (
 
 def _tiny_gpt(seed=0, **overrides):
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, pos="rope", norm="rmsnorm",
-               mlp="swiglu", bias=False, n_kv_head=1)
+    cfg = dict(
+        vocab_size=11,
+        block_size=8,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        n_kv_head=1,
+    )
     return GPT(GPTConfig(**{**cfg, **overrides})).eval()
 
 
@@ -51,9 +60,15 @@ def test_unsupported_bits_name_value_and_supported(bad):
     assert repr(bad) in msg and str(list(SUPPORTED_BITS)) in msg
 
 
-@pytest.mark.parametrize("entry", [lambda: quantize_rtn(_tiny_gpt(), 16), lambda: fake_quantize(torch.ones(2, 2), 1),
-                                   lambda: qat_finetune(_tiny_gpt(), _tokens(), 12, 1, 1e-3, 2, 4, 0),
-                                   lambda: FakeQuantize(0)])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        lambda: quantize_rtn(_tiny_gpt(), 16),
+        lambda: fake_quantize(torch.ones(2, 2), 1),
+        lambda: qat_finetune(_tiny_gpt(), _tokens(), 12, 1, 1e-3, 2, 4, 0),
+        lambda: FakeQuantize(0),
+    ],
+)
 def test_every_entry_point_rejects_unsupported_bits(entry):
     with pytest.raises(ValueError, match="unsupported bit width"):
         entry()
@@ -68,7 +83,9 @@ def test_qmax():
 
 @given(
     bits=st.sampled_from(SUPPORTED_BITS),
-    rows=st.integers(1, 6), cols=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 40),
+    seed=st.integers(0, 2**31 - 1),
     spread=st.floats(1e-4, 1e3),
 )
 def test_rtn_error_at_most_half_a_step_per_channel(bits, rows, cols, seed, spread):

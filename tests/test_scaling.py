@@ -64,7 +64,7 @@ def test_power_law_recovers_noisy_parameters():
 
 def test_power_law_without_floor_fits_zero_irreducible_loss():
     """A pure power law (E = 0) is found at the E >= 0 boundary, not below it."""
-    L = 50.0 * SIZES ** -0.2
+    L = 50.0 * SIZES**-0.2
     fit = fit_power_law(SIZES, L)
     assert fit.E == pytest.approx(0.0, abs=1e-6)
     assert fit.alpha == pytest.approx(0.2, rel=1e-4)
@@ -109,8 +109,15 @@ def test_bootstrap_chinchilla_interval_contains_truth_and_derived():
     N, D = _grid_nd(reps=3)
     L = _law_nd(N, D, **TRUE_ND) + rng.normal(0, 0.003, N.size)
     truth_ratio = compute_optimal(ChinchillaFit(**TRUE_ND, rss=0.0, n_points=1), 1e12).tokens_per_param
-    boot = bootstrap_fit(functools.partial(fit_chinchilla, grid=16), N, D, L, strata=list(zip(N, D)), n_boot=40,
-                         derived=lambda f: {"ratio": compute_optimal(f, 1e12).tokens_per_param})
+    boot = bootstrap_fit(
+        functools.partial(fit_chinchilla, grid=16),
+        N,
+        D,
+        L,
+        strata=list(zip(N, D)),
+        n_boot=40,
+        derived=lambda f: {"ratio": compute_optimal(f, 1e12).tokens_per_param},
+    )
     for k in ("alpha", "beta"):
         iv = boot.intervals[k]
         assert iv.low <= TRUE_ND[k] <= iv.high, (k, iv)
@@ -176,12 +183,15 @@ def test_too_few_distinct_values_is_a_clear_error():
         fit_chinchilla(N[keep], D[keep], _law_nd(N[keep], D[keep], **TRUE_ND))
 
 
-@pytest.mark.parametrize("bad, name", [
-    (dict(N=[1e4, 0.0, 1e6]), "N"),
-    (dict(N=[1e4, -1e5, 1e6]), "N"),
-    (dict(L=[2.0, float("nan"), 1.5]), "L"),
-    (dict(L=[2.0, 0.0, 1.5]), "L"),
-])
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        (dict(N=[1e4, 0.0, 1e6]), "N"),
+        (dict(N=[1e4, -1e5, 1e6]), "N"),
+        (dict(L=[2.0, float("nan"), 1.5]), "L"),
+        (dict(L=[2.0, 0.0, 1.5]), "L"),
+    ],
+)
 def test_non_positive_or_non_finite_values_are_errors(bad, name):
     args = {"N": [1e4, 1e5, 1e6], "L": [2.0, 1.8, 1.5], **bad}
     with pytest.raises(ValueError, match=rf"{name} must be finite and > 0.*{name}\[1\]"):
@@ -242,8 +252,17 @@ def test_non_embedding_params_gpt2_formula(n_layer, d):
 
 
 def test_non_embedding_params_untied_alibi_and_rng():
-    config = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=16, pos="alibi", tie_weights=False,
-                       bias=False, norm="rmsnorm")
+    config = GPTConfig(
+        vocab_size=65,
+        block_size=32,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        pos="alibi",
+        tie_weights=False,
+        bias=False,
+        norm="rmsnorm",
+    )
     model = GPT(config)
     vocab = model.wte.weight.numel() + model.lm_head.weight.numel()
     torch.manual_seed(0)

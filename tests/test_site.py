@@ -41,7 +41,9 @@ def test_broken(outcome):
 def _mkdocs_build(docs_root: Path, site_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(docs_root / "mkdocs.yml"), "-d", str(site_dir)],
-        capture_output=True, text=True, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
     )
 
 
@@ -59,7 +61,9 @@ def test_generated_pages_build_strict(pytester, tmp_path):
     pytester.makeini("[pytest]\nmarkers =\n    pretraining: p\n    track_a: a\n")
     pytester.makepyfile(test_h=HYPOTHESIS)
     store = pytester.path / "s.sqlite"
-    pytester.runpytest_subprocess("--lab-profile", "smoke", "--lab-store", str(store)).assert_outcomes(passed=2, failed=1)
+    pytester.runpytest_subprocess("--lab-profile", "smoke", "--lab-store", str(store)).assert_outcomes(
+        passed=2, failed=1
+    )
     _copy_site_sources(tmp_path)
     assert write_pages(store, tmp_path / "docs") == 2
     home = (tmp_path / "docs" / "index.md").read_text()
@@ -114,9 +118,17 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = path
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1280,1600"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1600",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
     yield driver
@@ -143,9 +155,9 @@ def test_reference_site_renders_in_chromium(served_site, browser):
     link = browser.find_element(By.CSS_SELECTOR, "#lab-hypotheses tbody tr a[href*='test_baby_gpt']")
     link.click()
     assert "Method" in browser.page_source
-    images = [i for i in browser.find_elements(By.CSS_SELECTOR, "article img") if i.get_attribute("src").endswith(".png")]
+    images = [
+        i for i in browser.find_elements(By.CSS_SELECTOR, "article img") if i.get_attribute("src").endswith(".png")
+    ]
     assert images, "hypothesis page has no plot"
-    loaded = browser.execute_script(
-        "return arguments[0].complete && arguments[0].naturalWidth > 100", images[0]
-    )
+    loaded = browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 100", images[0])
     assert loaded, f"plot {images[0].get_attribute('src')} did not render"

@@ -6,15 +6,33 @@ import torch
 
 from lab.models import GPT, GPTConfig
 from lab.stacks import (
-    STACK_NAMES, Decoded, StackUnavailable, build_stack, build_stacks, check_stack_name, compare_greedy,
-    decode_tokens_per_s, first_token_latency,
+    STACK_NAMES,
+    Decoded,
+    StackUnavailable,
+    build_stack,
+    build_stacks,
+    check_stack_name,
+    compare_greedy,
+    decode_tokens_per_s,
+    first_token_latency,
 )
 
 pytest.importorskip("transformers")
 
 # init_std well above 0.02 so a random model's greedy tokens vary (no runs of one token)
-CFG = dict(vocab_size=23, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos="rope", norm="rmsnorm",
-           mlp="swiglu", bias=False, init_std=0.3)
+CFG = dict(
+    vocab_size=23,
+    block_size=40,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    n_embd=32,
+    pos="rope",
+    norm="rmsnorm",
+    mlp="swiglu",
+    bias=False,
+    init_std=0.3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +45,9 @@ def model():
 def stacks(model, tmp_path_factory):
     # the "eager" backend still captures the decode step with dynamo; inductor's code
     # generation would take tens of seconds on a small CPU
-    return build_stacks(model, max_len=32, export_dir=tmp_path_factory.mktemp("stacks") / "export",
-                        compile_backend="eager")
+    return build_stacks(
+        model, max_len=32, export_dir=tmp_path_factory.mktemp("stacks") / "export", compile_backend="eager"
+    )
 
 
 def prompts(n=3, T=6):
@@ -79,7 +98,7 @@ def test_bad_arguments_are_value_errors(model, stacks):
 
 def test_lab_stack_is_gpt_generate(model, stacks):
     p = prompts(1)[0]
-    want = model.generate(p, 12, temperature=0.0)[0, p.shape[1]:].tolist()
+    want = model.generate(p, 12, temperature=0.0)[0, p.shape[1] :].tolist()
     out = stacks["lab"].decode(p, 12)
     assert out.tokens == want
     assert len(set(want)) > 2  # the random model does not just repeat one token
@@ -125,15 +144,18 @@ def test_gpu_only_stacks_report_why_they_cannot_run(stacks, name):
 
 
 def test_unavailable_stacks_are_left_out_of_the_comparison(stacks):
-    result = compare_greedy({"lab": stacks["lab"], "vllm": stacks["vllm"], "hf-eager": stacks["hf-eager"]}, prompts(1), 4)
+    result = compare_greedy(
+        {"lab": stacks["lab"], "vllm": stacks["vllm"], "hf-eager": stacks["hf-eager"]}, prompts(1), 4
+    )
     assert ("vllm" in result) == stacks["vllm"].available and "hf-eager" in result
     with pytest.raises(ValueError, match="reference stack"):
         compare_greedy({"hf-eager": stacks["hf-eager"]}, prompts(1), 4)
 
 
 def test_a_failing_compile_makes_the_stack_unavailable_with_the_error(model, tmp_path):
-    st = build_stack(model, "torch-compile", max_len=32, export_dir=tmp_path / "export",
-                     compile_backend="no_such_backend")
+    st = build_stack(
+        model, "torch-compile", max_len=32, export_dir=tmp_path / "export", compile_backend="no_such_backend"
+    )
     assert not st.available
     assert st.reason.startswith("torch.compile failed here") and "no_such_backend" in st.reason
     with pytest.raises(StackUnavailable, match="no_such_backend"):

@@ -67,7 +67,8 @@ def test_unigram_entropy_bits_on_known_strings():
     assert unigram_entropy_bits("abcd") == pytest.approx(2.0)
     assert unigram_entropy_bits("aaab") == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
     assert unigram_entropy_bits("to be or not to be", "word") == pytest.approx(
-        -(2 * (2 / 6) * math.log2(2 / 6) + 2 * (1 / 6) * math.log2(1 / 6)))
+        -(2 * (2 / 6) * math.log2(2 / 6) + 2 * (1 / 6) * math.log2(1 / 6))
+    )
 
 
 def test_coverage_and_in_vocab_fraction():
@@ -83,12 +84,30 @@ def test_coverage_and_in_vocab_fraction():
 
 def test_diversity_collects_every_metric():
     m = diversity(TEXT[:200], reference=TEXT, vocabulary={"the", "cat"})
-    assert set(m) == {"distinct1", "distinct2", "distinct3", "distinct4", "word_distinct1", "word_distinct2",
-                      "char_entropy_bits", "word_entropy_bits", "word_coverage", "char_coverage",
-                      "real_word_fraction"}
+    assert set(m) == {
+        "distinct1",
+        "distinct2",
+        "distinct3",
+        "distinct4",
+        "word_distinct1",
+        "word_distinct2",
+        "char_entropy_bits",
+        "word_entropy_bits",
+        "word_coverage",
+        "char_coverage",
+        "real_word_fraction",
+    }
     assert m["distinct1"] <= m["distinct2"] <= m["distinct3"] <= m["distinct4"] <= 1
-    assert set(diversity("abc def ghi")) == {"distinct1", "distinct2", "distinct3", "distinct4", "word_distinct1",
-                                             "word_distinct2", "char_entropy_bits", "word_entropy_bits"}
+    assert set(diversity("abc def ghi")) == {
+        "distinct1",
+        "distinct2",
+        "distinct3",
+        "distinct4",
+        "word_distinct1",
+        "word_distinct2",
+        "char_entropy_bits",
+        "word_entropy_bits",
+    }
 
 
 def test_metric_errors_name_the_value():
@@ -158,8 +177,10 @@ def test_sample_corpus_errors(model, tok):
 # ---------------------------------------------------------------- mixing
 
 
-@pytest.mark.parametrize("n,f,expected", [(200, 0.5, (100, 100)), (200, 0.0, (0, 200)), (200, 1.0, (200, 0)),
-                                          (10, 0.25, (2, 8)), (1000, 0.1, (100, 900))])
+@pytest.mark.parametrize(
+    "n,f,expected",
+    [(200, 0.5, (100, 100)), (200, 0.0, (0, 200)), (200, 1.0, (200, 0)), (10, 0.25, (2, 8)), (1000, 0.1, (100, 900))],
+)
 def test_mix_counts(n, f, expected):
     assert mix_counts(n, f) == expected
 
@@ -200,15 +221,26 @@ def test_mix_errors():
 
 def _tiny_train(data, generation):
     cfg = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
-    return train(cfg, TrainConfig(max_steps=3, batch_size=4, lr=1e-3, eval_interval=3, eval_batches=1),
-                 data, progress=False).model
+    return train(
+        cfg, TrainConfig(max_steps=3, batch_size=4, lr=1e-3, eval_interval=3, eval_batches=1), data, progress=False
+    ).model
 
 
 def test_collapse_chain_feeds_each_generation_the_previous_sample(lab_cache, tok):
     real = TEXT * 3
     losses = iter(range(100))
-    kw = dict(real_text=real, tokenizer=tok, train=_tiny_train, evaluate=lambda m: float(next(losses)),
-              n_chars=600, temperature=1.0, seed=1, sample_chars=200, n_streams=4, chunk=50)
+    kw = dict(
+        real_text=real,
+        tokenizer=tok,
+        train=_tiny_train,
+        evaluate=lambda m: float(next(losses)),
+        n_chars=600,
+        temperature=1.0,
+        seed=1,
+        sample_chars=200,
+        n_streams=4,
+        chunk=50,
+    )
     syn = collapse_chain(generations=3, real_fraction=0.0, **kw)
     assert [g.generation for g in syn] == [0, 1, 2]
     assert syn[0].train_text == real[:600] and syn[0].real_fraction == 1.0

@@ -83,17 +83,20 @@ def test_gains_per_doubling():
         gains_per_doubling([256, 512], [1.0, math.nan])
 
 
-@pytest.mark.parametrize("sizes, match", [
-    ([128, 512], "vocab size 128 is below 256"),
-    ([256, 255], "vocab size 255 is below 256"),
-    ([512, 256], "strictly increasing"),
-    ([256, 256], "strictly increasing"),
-    ([256], "at least two vocab sizes"),
-    ([256, 512.0], "must be ints, got 512.0"),
-    ([256, True], "must be ints, got True"),
-    ("256", "sequence of ints"),
-    (256, "sequence of ints"),
-])
+@pytest.mark.parametrize(
+    "sizes, match",
+    [
+        ([128, 512], "vocab size 128 is below 256"),
+        ([256, 255], "vocab size 255 is below 256"),
+        ([512, 256], "strictly increasing"),
+        ([256, 256], "strictly increasing"),
+        ([256], "at least two vocab sizes"),
+        ([256, 512.0], "must be ints, got 512.0"),
+        ([256, True], "must be ints, got True"),
+        ("256", "sequence of ints"),
+        (256, "sequence of ints"),
+    ],
+)
 def test_vocab_size_errors_name_the_value(sizes, match):
     with pytest.raises(ValueError, match=match):
         check_vocab_sizes(sizes)
@@ -185,12 +188,15 @@ def test_neighbour_ties_go_to_the_smaller_id():
     assert [j for j, _ in embedding_neighbours(e, [3], k=2, among=[4, 2, 0])[3]] == [0, 2]
 
 
-@pytest.mark.parametrize("k, match", [
-    (0, "k must be >= 1, got 0"),
-    (-1, "k must be >= 1, got -1"),
-    (6, "k=6 is more neighbours than the 5 candidates"),
-    (2.0, "k must be an int, got 2.0"),
-])
+@pytest.mark.parametrize(
+    "k, match",
+    [
+        (0, "k must be >= 1, got 0"),
+        (-1, "k must be >= 1, got -1"),
+        (6, "k=6 is more neighbours than the 5 candidates"),
+        (2.0, "k must be an int, got 2.0"),
+    ],
+)
 def test_neighbour_k_errors(k, match):
     with pytest.raises(ValueError, match=match):
         embedding_neighbours(_planted(), [0], k=k)

@@ -134,9 +134,7 @@ def test_checkpoint_round_trip_gives_identical_logits_and_keeps_tying(model, tmp
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))[1].backward()
     optimizer.step()
-    save_checkpoint(
-        tmp_path / "ck", model=model, optimizer=optimizer, step=7, model_config=MODEL, extra={"a": 1}
-    )
+    save_checkpoint(tmp_path / "ck", model=model, optimizer=optimizer, step=7, model_config=MODEL, extra={"a": 1})
 
     ckpt = load_checkpoint(tmp_path / "ck", expected_config=MODEL)
     assert ckpt.step == 7 and ckpt.extra == {"a": 1} and ckpt.model_config == MODEL
@@ -309,8 +307,9 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, killed_at):
     assert resumed.steps == 20
     assert losses(resumed) == losses(full)
     assert [h["grad_norm"] for h in resumed.history] == [h["grad_norm"] for h in full.history]
-    assert resumed.evals == [{**e, "elapsed_s": r["elapsed_s"], "tokens_per_s": r["tokens_per_s"]}
-                             for e, r in zip(full.evals, resumed.evals)]
+    assert resumed.evals == [
+        {**e, "elapsed_s": r["elapsed_s"], "tokens_per_s": r["tokens_per_s"]} for e, r in zip(full.evals, resumed.evals)
+    ]
     for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), name
 

@@ -21,7 +21,6 @@ from lab.windtunnel.models import (
 from lab.windtunnel.tasks import (
     BijectionTask,
     HMMTask,
-    bijection_posterior,
     bijection_posterior_brute_force,
     check_stochastic,
     discretized_rows,
@@ -120,7 +119,11 @@ def test_hmm_format_and_posteriors():
     task = HMMTask(5, 5, 6)
     b = task.sample(4, torch.Generator().manual_seed(0))
     assert b.tokens.shape == (4, task.seq_len) and task.seq_len == 53 + 12
-    assert (b.tokens[:, 0] == task.TRANS).all() and (b.tokens[:, 26] == task.EMIT).all() and (b.tokens[:, 52] == task.SEP).all()
+    assert (
+        (b.tokens[:, 0] == task.TRANS).all()
+        and (b.tokens[:, 26] == task.EMIT).all()
+        and (b.tokens[:, 52] == task.SEP).all()
+    )
     assert (b.tokens[:, task.positions - 1] == task.OBS).all()
     assert (b.tokens[:, task.positions] >= task.n_prob_tokens + 4).all()
     assert b.tokens.max() < task.vocab_size
@@ -158,8 +161,11 @@ def test_hmm_task_validation():
 @pytest.mark.parametrize("task", [BijectionTask(6, 5), HMMTask(3, 3, 4)], ids=["bijection", "hmm"])
 def test_models_give_distributions_over_answers(task):
     b = task.sample(5, torch.Generator().manual_seed(0))
-    for model in (TunnelTransformer(task, n_layer=2, n_head=2, n_embd=16),
-                  PrefixMLP(task, embd=4, width=16, depth=2), PositionMLP(task, width=16, depth=1)):
+    for model in (
+        TunnelTransformer(task, n_layer=2, n_head=2, n_embd=16),
+        PrefixMLP(task, embd=4, width=16, depth=2),
+        PositionMLP(task, width=16, depth=1),
+    ):
         logq = predict(model, b.tokens)
         assert logq.shape == b.posterior.shape
         torch.testing.assert_close(logq.exp().sum(-1), torch.ones(b.posterior.shape[:2]))
@@ -254,7 +260,11 @@ def test_analyses_see_every_sequence_beyond_one_predict_chunk():
     b = task.sample(600, torch.Generator().manual_seed(0))
     feats = streams_at_positions(model, b.tokens, ["blocks.0.hook_resid_post"])
     assert feats["blocks.0.hook_resid_post"].shape == (600 * 4, 8)
-    assert set(entropy_probe(model, b)) == {"blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"}
+    assert set(entropy_probe(model, b)) == {
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_resid_mid",
+        "blocks.0.hook_resid_post",
+    }
     res = ablation_mae(model, b, mode="mean")
     assert len(res["attn"]) == len(res["mlp"]) == 1
 

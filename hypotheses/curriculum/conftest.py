@@ -21,7 +21,9 @@ def decode_model(lab, char_data):
         if key not in models:
             block = inf.prompt_len + max(inf.decode_lengths)
             config = lab.llama_config(
-                char_data, n_kv_head=n_kv_head, sliding_window=sliding_window,
+                char_data,
+                n_kv_head=n_kv_head,
+                sliding_window=sliding_window,
                 block_size=block,
             )
             seed_everything(0)

@@ -70,15 +70,18 @@ def _compression_figure(sizes, val_c, train_c, cl100k_c):
 
 @prediction(
     "BPE compression (validation chars per token) rises with every increase of the vocabulary size",
-    metric="min_gain_per_doubling", expect=greater_than(0.0),
+    metric="min_gain_per_doubling",
+    expect=greater_than(0.0),
 )
 @prediction(
     "Diminishing returns: the last doubling of the vocabulary gains at most half as many chars/token as the first",
-    metric="last_over_first_gain", expect=at_most(0.5),
+    metric="last_over_first_gain",
+    expect=at_most(0.5),
 )
 @prediction(
     "At the top of the range (8192 -> 16384 on cpu) doubling the vocabulary adds less than 0.5 chars/token",
-    metric="last_gain_per_doubling", expect=less_than(0.5),
+    metric="last_gain_per_doubling",
+    expect=less_than(0.5),
 )
 def test_compression_grows_with_diminishing_returns(lab, shakespeare_splits, cl100k_tok, outcome):
     """Characters per token as a function of BPE vocabulary size.
@@ -109,24 +112,54 @@ def test_compression_grows_with_diminishing_returns(lab, shakespeare_splits, cl1
     cl = outcome.record("val_chars_per_token_cl100k", compression(cl100k_tok, val_text), unit="chars/token")
 
     outcome.plot("compression", _compression_figure(s.vocab_sizes, val_c, train_c, cl))
-    outcome.table("gains", [
-        {"vocab": f"{v0} -> {v1}", "val chars/token": f"{c0:.3f} -> {c1:.3f}", "gain per doubling": round(g, 3)}
-        for (v0, v1), (c0, c1), g in zip(zip(s.vocab_sizes, s.vocab_sizes[1:]), zip(val_c, val_c[1:]), gains)
-    ], caption="Validation compression between consecutive vocabulary sizes")
+    outcome.table(
+        "gains",
+        [
+            {"vocab": f"{v0} -> {v1}", "val chars/token": f"{c0:.3f} -> {c1:.3f}", "gain per doubling": round(g, 3)}
+            for (v0, v1), (c0, c1), g in zip(zip(s.vocab_sizes, s.vocab_sizes[1:]), zip(val_c, val_c[1:]), gains)
+        ],
+        caption="Validation compression between consecutive vocabulary sizes",
+    )
     outcome.note(f"the validation split has {len(val_text):,} characters; the BPEs never saw it")
-    outcome.note("Disclosure: the diminishing-returns predictions were written after seeing validation compression "
-                 "at 256 / 300 / 400 / 1024 tokens (1.00 / 1.38 / 1.71 / 2.26 chars/token) while timing BPE training; "
-                 "nothing at 2048 or above had been seen.")
+    outcome.note(
+        "Disclosure: the diminishing-returns predictions were written after seeing validation compression "
+        "at 256 / 300 / 400 / 1024 tokens (1.00 / 1.38 / 1.71 / 2.26 chars/token) while timing BPE training; "
+        "nothing at 2048 or above had been seen."
+    )
 
 
 # ------------------------------------------------------------------ (b) rare words and numbers
 
 RARE_WORDS = (
-    "photosynthesis", "mitochondria", "cryptocurrency", "smartphone", "algorithm", "thermodynamics",
-    "electroencephalography", "antidisestablishmentarianism", "bioluminescence", "hyperparameter",
-    "Kubernetes", "Schwarzenegger", "Tchaikovsky", "Nebuchadnezzar",
+    "photosynthesis",
+    "mitochondria",
+    "cryptocurrency",
+    "smartphone",
+    "algorithm",
+    "thermodynamics",
+    "electroencephalography",
+    "antidisestablishmentarianism",
+    "bioluminescence",
+    "hyperparameter",
+    "Kubernetes",
+    "Schwarzenegger",
+    "Tchaikovsky",
+    "Nebuchadnezzar",
 )
-NUMBERS = ("7", "42", "365", "1984", "2024", "65536", "1000000", "3.14159", "1,000,000", "123456789", "8675309", "0.001")
+NUMBERS = (
+    "7",
+    "42",
+    "365",
+    "1984",
+    "2024",
+    "65536",
+    "1000000",
+    "3.14159",
+    "1,000,000",
+    "123456789",
+    "8675309",
+    "0.001",
+)
 FREQUENT_WORDS = ("the", "and", "to", "of", "my", "you", "that", "is", "not", "with")
 NON_ASCII = ("café", "naïve", "Zürich", "façade", "東京")
 
@@ -143,23 +176,28 @@ def _show(pieces: list[str]) -> str:
 
 @prediction(
     "cl100k never puts more than three digits in one token (its pre-tokenizer cuts digit runs into groups of <= 3)",
-    metric="cl100k_max_digits_per_token", expect=at_most(3),
+    metric="cl100k_max_digits_per_token",
+    expect=at_most(3),
 )
 @prediction(
     "The lab BPE, which saw almost no digits in Shakespeare, spends at least 1.5x as many tokens on numbers as cl100k",
-    metric="numbers_ratio_bpe_over_cl100k", expect=at_least(1.5),
+    metric="numbers_ratio_bpe_over_cl100k",
+    expect=at_least(1.5),
 )
 @prediction(
     "Rare modern words and foreign names take at least 1.5x as many tokens under the lab BPE as under cl100k",
-    metric="rare_words_ratio_bpe_over_cl100k", expect=at_least(1.5),
+    metric="rare_words_ratio_bpe_over_cl100k",
+    expect=at_least(1.5),
 )
 @prediction(
     "Ten common English function words (the, and, to, of, my, you, that, is, not, with) are one token each under the lab BPE",
-    metric="frequent_words_tokens_per_word_bpe", expect=at_most(1.0),
+    metric="frequent_words_tokens_per_word_bpe",
+    expect=at_most(1.0),
 )
 @prediction(
     "In-domain names (the corpus' most frequent speaker tags) take no more tokens under the lab BPE than under cl100k",
-    metric="speaker_names_ratio_bpe_over_cl100k", expect=at_most(1.0),
+    metric="speaker_names_ratio_bpe_over_cl100k",
+    expect=at_most(1.0),
 )
 def test_rare_words_and_numbers(lab, shakespeare_splits, cl100k_tok, outcome):
     """How cl100k and the lab BPE cut rare words, numbers and in-domain names.
@@ -181,8 +219,11 @@ def test_rare_words_and_numbers(lab, shakespeare_splits, cl100k_tok, outcome):
     bpe = get_tokenizer("bpe", text=train_text, vocab_size=s.split_vocab)
     names = _speaker_names(train_text, 12)
     groups = {
-        "rare_words": (RARE_WORDS, " "), "numbers": (NUMBERS, " "),
-        "frequent_words": (FREQUENT_WORDS, " "), "speaker_names": (names, ""), "non_ascii": (NON_ASCII, " "),
+        "rare_words": (RARE_WORDS, " "),
+        "numbers": (NUMBERS, " "),
+        "frequent_words": (FREQUENT_WORDS, " "),
+        "speaker_names": (names, ""),
+        "non_ascii": (NON_ASCII, " "),
     }
     rows = []
     for group, (words, prefix) in groups.items():
@@ -192,9 +233,16 @@ def test_rare_words_and_numbers(lab, shakespeare_splits, cl100k_tok, outcome):
         outcome.record(f"{group}_tokens_per_word_cl100k", tokens_per_word(rep_cl), unit="tokens/word")
         outcome.record(f"{group}_ratio_bpe_over_cl100k", tokens_per_word(rep_bpe) / tokens_per_word(rep_cl))
         for (word, p_bpe), (_, p_cl) in zip(rep_bpe, rep_cl):
-            rows.append({"group": group, "word": prefix.replace(" ", "␣") + word,
-                         f"lab BPE {s.split_vocab}": _show(p_bpe), "n (BPE)": len(p_bpe),
-                         "cl100k": _show(p_cl), "n (cl100k)": len(p_cl)})
+            rows.append(
+                {
+                    "group": group,
+                    "word": prefix.replace(" ", "␣") + word,
+                    f"lab BPE {s.split_vocab}": _show(p_bpe),
+                    "n (BPE)": len(p_bpe),
+                    "cl100k": _show(p_cl),
+                    "n (cl100k)": len(p_cl),
+                }
+            )
     outcome.record("cl100k_max_digits_per_token", max_digits_per_token(cl100k_tok, [" " + n for n in NUMBERS]))
     outcome.record("bpe_max_digits_per_token", max_digits_per_token(bpe, [" " + n for n in NUMBERS]))
     outcome.table("splits", rows, caption="Token pieces (␣ = space) under the lab BPE and cl100k")
@@ -238,11 +286,13 @@ def _heatmap(tok, trained, init, title):
 
 @prediction(
     "Vowels cluster: vowel-vowel minus vowel-consonant cosine in the trained embedding exceeds that at random init",
-    metric="vowel_cohesion", expect=greater_than("vowel_cohesion_init"),
+    metric="vowel_cohesion",
+    expect=greater_than("vowel_cohesion_init"),
 )
 @prediction(
     "At least 40% of the lower-case vowels (2.5x chance) have another vowel as nearest lower-case neighbour",
-    metric="vowel_nn_vowel_fraction", expect=at_least(0.4),
+    metric="vowel_nn_vowel_fraction",
+    expect=at_least(0.4),
 )
 def test_vowels_cluster_in_embedding(lab, char_data, baby_runs, outcome):
     """Nearest neighbours in a char-level GPT's token embedding.
@@ -272,18 +322,27 @@ def test_vowels_cluster_in_embedding(lab, char_data, baby_runs, outcome):
         outcome.record("vowel_nn_vowel_fraction_init", nearest_in_group_fraction(init, vowels, lower), seed=seed)
         if seed == min(baby_runs):
             nn = embedding_neighbours(trained, frequent, s.k_neighbours)
-            outcome.table("neighbours", neighbour_rows(tok, nn),
-                          caption=f"Nearest neighbours (cosine) of the most frequent characters, trained, seed {seed}")
+            outcome.table(
+                "neighbours",
+                neighbour_rows(tok, nn),
+                caption=f"Nearest neighbours (cosine) of the most frequent characters, trained, seed {seed}",
+            )
             nn_v = embedding_neighbours(trained, vowels, s.k_neighbours, among=lower)
-            outcome.table("vowel_neighbours", neighbour_rows(tok, nn_v),
-                          caption=f"Nearest lower-case neighbours of the vowels, trained, seed {seed}")
-            outcome.plot("cosine_matrix", _heatmap(tok, trained, init, f"Token-embedding cosine similarity (seed {seed})"))
+            outcome.table(
+                "vowel_neighbours",
+                neighbour_rows(tok, nn_v),
+                caption=f"Nearest lower-case neighbours of the vowels, trained, seed {seed}",
+            )
+            outcome.plot(
+                "cosine_matrix", _heatmap(tok, trained, init, f"Token-embedding cosine similarity (seed {seed})")
+            )
     outcome.note(f"chance level of the nearest-neighbour fraction: {chance_nearest_in_group(5, 26):.2f}")
 
 
 @prediction(
     "Each capital letter is closer to its own lower-case letter than to other lower-case letters, more so than at init",
-    metric="case_pair_gap", expect=greater_than("case_pair_gap_init"),
+    metric="case_pair_gap",
+    expect=greater_than("case_pair_gap_init"),
 )
 def test_case_pairs_are_close(lab, char_data, baby_runs, outcome):
     """Upper/lower-case pairs in a char-level GPT's token embedding.
@@ -309,18 +368,25 @@ def test_case_pairs_are_close(lab, char_data, baby_runs, outcome):
             for (u, l), ch in zip(pairs, LOWER):
                 lower_ids = [j for _, j in pairs]
                 rank = 1 + sum(cos[u, j].item() > cos[u, l].item() for j in lower_ids if j != l)
-                rows.append({"pair": f"{ch.upper()} / {ch}", "cosine": round(cos[u, l].item(), 3),
-                             "rank of own lower case among 26": rank})
+                rows.append(
+                    {
+                        "pair": f"{ch.upper()} / {ch}",
+                        "cosine": round(cos[u, l].item(), 3),
+                        "rank of own lower case among 26": rank,
+                    }
+                )
     outcome.table("case_pairs", rows, caption="Cosine of each case pair and the lower-case letter's rank (first seed)")
 
 
 @prediction(
     "Rare characters share a direction: their mean pairwise cosine exceeds that of the most frequent characters",
-    metric="rare_mean_cosine", expect=greater_than("frequent_mean_cosine"),
+    metric="rare_mean_cosine",
+    expect=greater_than("frequent_mean_cosine"),
 )
 @prediction(
     "Training makes the embedding anisotropic: mean cosine over all token pairs rises above its value at init",
-    metric="mean_cosine", expect=greater_than("mean_cosine_init"),
+    metric="mean_cosine",
+    expect=greater_than("mean_cosine_init"),
 )
 def test_rare_tokens_share_a_direction(lab, char_data, baby_runs, outcome):
     """Cosine structure by token frequency, and anisotropy.
@@ -337,7 +403,7 @@ def test_rare_tokens_share_a_direction(lab, char_data, baby_runs, outcome):
     tok = char_data.tokenizer
     counts = token_counts(char_data.train, tok.vocab_size)
     order = by_frequency(counts)
-    frequent, rare = order[: s.n_group], order[-s.n_group:]
+    frequent, rare = order[: s.n_group], order[-s.n_group :]
     for seed, run in baby_runs.items():
         trained, init = run.model.wte.weight.detach(), _init_embedding(run, seed)
         outcome.record("rare_mean_cosine", mean_cosine(trained, rare), seed=seed)
@@ -346,7 +412,14 @@ def test_rare_tokens_share_a_direction(lab, char_data, baby_runs, outcome):
         outcome.record("frequent_mean_cosine_init", mean_cosine(init, frequent), seed=seed)
         outcome.record("mean_cosine", mean_cosine(trained), seed=seed)
         outcome.record("mean_cosine_init", mean_cosine(init), seed=seed)
-    outcome.table("groups", [
-        {"group": name, "characters (count in training split)": ", ".join(f"{tok.decode([i])!r} ({counts[i]})" for i in ids)}
-        for name, ids in (("most frequent", frequent), ("rarest", rare))
-    ], caption="The frequency groups")
+    outcome.table(
+        "groups",
+        [
+            {
+                "group": name,
+                "characters (count in training split)": ", ".join(f"{tok.decode([i])!r} ({counts[i]})" for i in ids),
+            }
+            for name, ids in (("most frequent", frequent), ("rarest", rare))
+        ],
+        caption="The frequency groups",
+    )

@@ -30,8 +30,11 @@ def long_context_loss(lab, char_data, pos_runs):
         for seed, run in pos_runs[pos].items():
             out[pos][seed] = {
                 c: per_position_loss(
-                    run.model.with_context(c), char_data.val, block_size=c,
-                    batch_size=a.batch_size, n_batches=a.eval_batches,
+                    run.model.with_context(c),
+                    char_data.val,
+                    block_size=c,
+                    batch_size=a.batch_size,
+                    n_batches=a.eval_batches,
                 )
                 for c in a.eval_contexts
             }
@@ -46,11 +49,13 @@ def degradation(curves: dict, trained: int, longest: int) -> float:
 
 @prediction(
     "RoPE beats learned absolute positions at the trained length (lower val loss)",
-    metric="rope_val_loss", expect=less_than("learned_val_loss"),
+    metric="rope_val_loss",
+    expect=less_than("learned_val_loss"),
 )
 @prediction(
     "A model with no positional encoding (NoPE) is worse than learned positions at the trained length",
-    metric="none_val_loss", expect=greater_than("learned_val_loss"),
+    metric="none_val_loss",
+    expect=greater_than("learned_val_loss"),
 )
 def test_encodings_at_the_trained_length(pos_runs, outcome):
     """Validation loss of the five encodings at the context they were trained on.
@@ -67,7 +72,8 @@ def test_encodings_at_the_trained_length(pos_runs, outcome):
 
 @prediction(
     "Learned position embeddings cannot run past their trained length: a longer context is refused with a clear error",
-    metric="learned_longest_context", expect=at_most(0),
+    metric="learned_longest_context",
+    expect=at_most(0),
 )
 def test_learned_positions_stop_at_trained_length(lab, pos_runs, outcome):
     """Can a learned-position model read a longer context than it was trained on?
@@ -97,7 +103,9 @@ def _plot_long_context(lab, long_context_loss, outcome):
         for pos, by_seed in long_context_loss.items()
     }
     outcome.plot_lines(
-        "per_position_long", lines, xlabel=f"position (trained on the first {a.model.block_size})",
+        "per_position_long",
+        lines,
+        xlabel=f"position (trained on the first {a.model.block_size})",
         ylabel="val loss (nats/char), mean over seeds",
         title=f"Per-position loss at context {longest}, trained at {a.model.block_size}",
     )
@@ -105,15 +113,18 @@ def _plot_long_context(lab, long_context_loss, outcome):
 
 @prediction(
     "ALiBi extrapolates best: smaller loss increase past the trained length than sinusoidal",
-    metric="alibi_degradation", expect=less_than("sinusoidal_degradation"),
+    metric="alibi_degradation",
+    expect=less_than("sinusoidal_degradation"),
 )
 @prediction(
     "ALiBi extrapolates best: smaller loss increase past the trained length than RoPE",
-    metric="alibi_degradation", expect=less_than("rope_degradation"),
+    metric="alibi_degradation",
+    expect=less_than("rope_degradation"),
 )
 @prediction(
     "ALiBi extrapolates best: smaller loss increase past the trained length than no positions (NoPE)",
-    metric="alibi_degradation", expect=less_than("none_degradation"),
+    metric="alibi_degradation",
+    expect=less_than("none_degradation"),
 )
 def test_alibi_extrapolates_best(lab, long_context_loss, outcome):
     """Length extrapolation of the four encodings that define every position.
@@ -131,16 +142,26 @@ def test_alibi_extrapolates_best(lab, long_context_loss, outcome):
         for seed, curves in by_seed.items():
             outcome.record(f"{pos}_degradation", degradation(curves, trained, longest), seed=seed, unit="nats/char")
         for c in a.eval_contexts:
-            rows.append({"encoding": pos, "context": c,
-                         "mean loss (mean over seeds)": round(float(np.mean([s[c].mean() for s in by_seed.values()])), 4),
-                         "loss past trained length": round(float(np.mean([s[c][trained:].mean() for s in by_seed.values()])), 4) if c > trained else "-"})
+            rows.append(
+                {
+                    "encoding": pos,
+                    "context": c,
+                    "mean loss (mean over seeds)": round(float(np.mean([s[c].mean() for s in by_seed.values()])), 4),
+                    "loss past trained length": round(
+                        float(np.mean([s[c][trained:].mean() for s in by_seed.values()])), 4
+                    )
+                    if c > trained
+                    else "-",
+                }
+            )
     outcome.table("by_context", rows, caption="Validation loss by evaluation context")
     _plot_long_context(lab, long_context_loss, outcome)
 
 
 @prediction(
     "RoPE degrades beyond the trained length: loss past it rises by at least 0.1 nats/char",
-    metric="rope_degradation", expect=at_least(0.1),
+    metric="rope_degradation",
+    expect=at_least(0.1),
 )
 def test_rope_degrades_past_trained_length(lab, long_context_loss, outcome):
     """RoPE at positions it never saw.

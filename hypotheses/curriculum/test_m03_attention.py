@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.curriculum, pytest.mark.m03_attention]
 
 @prediction(
     "Causal masking is exact: changing future tokens never changes an earlier position's logits (max |change| = 0)",
-    metric="max_leak", expect=at_most(0.0),
+    metric="max_leak",
+    expect=at_most(0.0),
 )
 def test_causal_mask_is_exact(lab, char_data, outcome):
     """Does anything leak from the future?
@@ -62,8 +63,13 @@ def _mean_normalised_entropy(pattern: torch.Tensor) -> float:
 def _entropy_at_init(lab, char_data, d_k: int, *, scaled: bool, init_std: float | None, seed: int) -> float:
     a = lab.profile.architecture
     config = lab.arch_config(
-        char_data, n_layer=1, n_head=1, n_embd=d_k, pos="learned",
-        qk_scale=None if scaled else 1.0, init_std=init_std or 1 / math.sqrt(d_k),
+        char_data,
+        n_layer=1,
+        n_head=1,
+        n_embd=d_k,
+        pos="learned",
+        qk_scale=None if scaled else 1.0,
+        init_std=init_std or 1 / math.sqrt(d_k),
     )
     seed_everything(seed)
     model = GPT(config).eval()
@@ -77,7 +83,9 @@ def _entropy_sweep(lab, char_data, outcome, init_std):
     lines = {"scaled by 1/sqrt(d_k)": ([], []), "unscaled": ([], [])}
     for d_k in a.head_dims:
         for label, scaled in (("scaled", True), ("unscaled", False)):
-            values = [_entropy_at_init(lab, char_data, d_k, scaled=scaled, init_std=init_std, seed=s) for s in lab.seeds]
+            values = [
+                _entropy_at_init(lab, char_data, d_k, scaled=scaled, init_std=init_std, seed=s) for s in lab.seeds
+            ]
             for s, v in zip(lab.seeds, values):
                 outcome.record(f"{label}_entropy_dk{d_k}", v, seed=s)
                 if d_k == max(a.head_dims):
@@ -90,11 +98,13 @@ def _entropy_sweep(lab, char_data, outcome, init_std):
 
 @prediction(
     "Without 1/sqrt(d_k), attention at a variance-preserving init collapses as d_k grows: normalised entropy at the largest d_k <= 0.5",
-    metric="unscaled_entropy_at_max_dk", expect=at_most(0.5),
+    metric="unscaled_entropy_at_max_dk",
+    expect=at_most(0.5),
 )
 @prediction(
     "With 1/sqrt(d_k), attention entropy at init stays high at the largest d_k (>= 0.8)",
-    metric="scaled_entropy_at_max_dk", expect=at_least(0.8),
+    metric="scaled_entropy_at_max_dk",
+    expect=at_least(0.8),
 )
 def test_unscaled_attention_collapses_with_dk(lab, char_data, outcome):
     """Attention entropy at initialisation vs head size d_k, with and without the scale.
@@ -109,14 +119,19 @@ def test_unscaled_attention_collapses_with_dk(lab, char_data, outcome):
     """
     lines = _entropy_sweep(lab, char_data, outcome, init_std=None)
     outcome.plot_lines(
-        "entropy_vs_dk", lines, xlabel="head size d_k", ylabel="normalised attention entropy at init",
-        title="Attention entropy at a variance-preserving init", logx=True,
+        "entropy_vs_dk",
+        lines,
+        xlabel="head size d_k",
+        ylabel="normalised attention entropy at init",
+        title="Attention entropy at a variance-preserving init",
+        logx=True,
     )
 
 
 @prediction(
     "At GPT-2's small init (std 0.02) even unscaled attention starts near-uniform (normalised entropy >= 0.95 at the largest d_k): the scale matters once q and k grow",
-    metric="unscaled_entropy_at_max_dk", expect=at_least(0.95),
+    metric="unscaled_entropy_at_max_dk",
+    expect=at_least(0.95),
 )
 def test_small_init_hides_the_missing_scale(lab, char_data, outcome):
     """The same sweep at GPT-2's initialisation (every weight N(0, 0.02^2)).
@@ -131,22 +146,28 @@ def test_small_init_hides_the_missing_scale(lab, char_data, outcome):
     # q and k components have variance d * std^2, so q.k has variance d * (d * std^2)^2
     outcome.note(
         f"At std 0.02 the unscaled logit q.k has standard deviation sqrt(d^3) * 0.02^2 = "
-        f"{(d ** 3) ** 0.5 * 0.02 ** 2:.2f} at d_k = {d} (vs {(d ** 3) ** 0.5 * 0.02 ** 2 / d ** 0.5:.2f} with the scale): "
+        f"{(d**3) ** 0.5 * 0.02**2:.2f} at d_k = {d} (vs {(d**3) ** 0.5 * 0.02**2 / d**0.5:.2f} with the scale): "
         "small only for small heads, since it grows as d_k^1.5."
     )
     outcome.plot_lines(
-        "entropy_vs_dk", lines, xlabel="head size d_k", ylabel="normalised attention entropy at init",
-        title="Attention entropy at GPT-2's init (std 0.02)", logx=True,
+        "entropy_vs_dk",
+        lines,
+        xlabel="head size d_k",
+        ylabel="normalised attention entropy at init",
+        title="Attention entropy at GPT-2's init (std 0.02)",
+        logx=True,
     )
 
 
 @prediction(
     "Splitting the width into several heads beats one head of full width (middle head count < 1 head, val loss)",
-    metric="heads_mid_val_loss", expect=less_than("heads_1_val_loss"),
+    metric="heads_mid_val_loss",
+    expect=less_than("heads_1_val_loss"),
 )
 @prediction(
     "Returns diminish: the most heads are within +-0.03 nats/char of the middle count",
-    metric="heads_most_minus_mid", expect=between(-0.03, 0.03),
+    metric="heads_most_minus_mid",
+    expect=between(-0.03, 0.03),
 )
 def test_head_count_at_fixed_width(lab, ablation_runs, outcome):
     """Attention heads at fixed width.
@@ -163,5 +184,6 @@ def test_head_count_at_fixed_width(lab, ablation_runs, outcome):
         outcome.record("heads_mid_val_loss", runs[f"heads_{mid}"][seed].final_val_loss, seed=seed)
         outcome.record(
             "heads_most_minus_mid",
-            runs[f"heads_{most}"][seed].final_val_loss - runs[f"heads_{mid}"][seed].final_val_loss, seed=seed,
+            runs[f"heads_{most}"][seed].final_val_loss - runs[f"heads_{mid}"][seed].final_val_loss,
+            seed=seed,
         )

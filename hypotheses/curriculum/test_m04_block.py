@@ -17,7 +17,9 @@ def _deep(ablation_runs, lab, depth, lr, **overrides):
     a = lab.profile.architecture
     return ablation_runs(
         train=dict(lr=lr, max_steps=a.depth_steps, warmup_steps=0),
-        n_layer=depth, n_embd=a.depth_width, **overrides,
+        n_layer=depth,
+        n_embd=a.depth_width,
+        **overrides,
     )
 
 
@@ -42,7 +44,9 @@ def norm_grid(lab, ablation_runs):
     a = lab.profile.architecture
     return {
         (where, d, lr): _deep(ablation_runs, lab, d, lr, norm_position=where)
-        for where in ("pre", "post") for d in a.depths for lr in a.depth_lrs
+        for where in ("pre", "post")
+        for d in a.depths
+        for lr in a.depth_lrs
     }
 
 
@@ -54,11 +58,13 @@ def unigram(char_data):
 
 @prediction(
     "Post-norm fails first: across depths x learning rates (no warmup), more post-norm runs fail to beat the unigram baseline than pre-norm runs",
-    metric="post_failures", expect=greater_than("pre_failures"),
+    metric="post_failures",
+    expect=greater_than("pre_failures"),
 )
 @prediction(
     "At the deepest stack and highest learning rate, post-norm ends with higher val loss than pre-norm",
-    metric="post_loss_deepest", expect=greater_than("pre_loss_deepest"),
+    metric="post_loss_deepest",
+    expect=greater_than("pre_loss_deepest"),
 )
 def test_post_norm_fails_first(lab, char_data, norm_grid, unigram, outcome):
     """Pre-norm vs post-norm as depth and learning rate grow.
@@ -85,10 +91,17 @@ def test_post_norm_fails_first(lab, char_data, norm_grid, unigram, outcome):
     rows, lines = [], {}
     for (where, d, lr), by_seed in norm_grid.items():
         losses = [_loss(r, V) for r in by_seed.values()]
-        rows.append({"norm": f"{where}-norm", "layers": d, "lr": lr,
-                     "final val loss (mean)": round(float(np.mean(losses)), 4),
-                     "diverged": sum(isinstance(r, TrainingDivergedError) for r in by_seed.values()),
-                     "failed": sum(_failed(v, unigram) for v in losses), "seeds": len(losses)})
+        rows.append(
+            {
+                "norm": f"{where}-norm",
+                "layers": d,
+                "lr": lr,
+                "final val loss (mean)": round(float(np.mean(losses)), 4),
+                "diverged": sum(isinstance(r, TrainingDivergedError) for r in by_seed.values()),
+                "failed": sum(_failed(v, unigram) for v in losses),
+                "seeds": len(losses),
+            }
+        )
         lines.setdefault(f"{where}-norm, lr {lr:g}", ([], []))
         lines[f"{where}-norm, lr {lr:g}"][0].append(d)
         lines[f"{where}-norm, lr {lr:g}"][1].append(float(np.mean(losses)))
@@ -100,13 +113,20 @@ def test_post_norm_fails_first(lab, char_data, norm_grid, unigram, outcome):
         "prediction read refuted. The margin was added after seeing that run: read this verdict with that "
         "in mind (the table shows every cell's loss either way)."
     )
-    outcome.plot_lines("loss_vs_depth", lines, xlabel="layers", ylabel="final val loss (nats/char), mean over seeds",
-                       title="Pre- vs post-norm by depth", hlines={"unigram entropy": unigram})
+    outcome.plot_lines(
+        "loss_vs_depth",
+        lines,
+        xlabel="layers",
+        ylabel="final val loss (nats/char), mean over seeds",
+        title="Pre- vs post-norm by depth",
+        hlines={"unigram entropy": unigram},
+    )
 
 
 @prediction(
     "At initialisation, post-norm's gradients grow toward the output: its last/first block gradient-norm ratio exceeds pre-norm's",
-    metric="post_grad_ratio", expect=greater_than("pre_grad_ratio"),
+    metric="post_grad_ratio",
+    expect=greater_than("pre_grad_ratio"),
 )
 def test_post_norm_gradients_grow_with_layer(lab, norm_grid, outcome):
     """Per-layer gradient norms, pre- vs post-norm (Xiong et al. 2020's analysis).
@@ -125,7 +145,7 @@ def test_post_norm_gradients_grow_with_layer(lab, norm_grid, outcome):
             g = block_grad_norms(run)
             outcome.record(f"{where}_grad_ratio", float(g[0, -1] / g[0, 0]), seed=seed)
         first = np.mean([block_grad_norms(r)[0] for r in runs.values()], axis=0)
-        late = np.mean([block_grad_norms(r)[-max(1, len(r.history) // 10):].mean(0) for r in runs.values()], axis=0)
+        late = np.mean([block_grad_norms(r)[-max(1, len(r.history) // 10) :].mean(0) for r in runs.values()], axis=0)
         init_lines[f"{where}-norm"] = (np.arange(d), first)
         late_lines[f"{where}-norm"] = (np.arange(d), late)
     post0 = init_lines["post-norm"][1]
@@ -135,19 +155,33 @@ def test_post_norm_gradients_grow_with_layer(lab, norm_grid, outcome):
         "init; the original Transformer scales them up by sqrt(d)) and its LayerNorm divides by that small "
         "scale, which multiplies the gradient of what feeds it; every later block reads a unit-scale stream."
     )
-    outcome.plot_lines("grad_norm_init", init_lines, xlabel="block", ylabel="gradient norm (first step)",
-                       title=f"Per-block gradient norm at initialisation, {d} layers", logy=True)
-    outcome.plot_lines("grad_norm_late", late_lines, xlabel="block", ylabel="gradient norm (last 10% of steps)",
-                       title=f"Per-block gradient norm late in training, {d} layers", logy=True)
+    outcome.plot_lines(
+        "grad_norm_init",
+        init_lines,
+        xlabel="block",
+        ylabel="gradient norm (first step)",
+        title=f"Per-block gradient norm at initialisation, {d} layers",
+        logy=True,
+    )
+    outcome.plot_lines(
+        "grad_norm_late",
+        late_lines,
+        xlabel="block",
+        ylabel="gradient norm (last 10% of steps)",
+        title=f"Per-block gradient norm late in training, {d} layers",
+        logy=True,
+    )
 
 
 @prediction(
     "Without residual connections the deepest stack fails to train: its val loss does not beat the unigram entropy",
-    metric="no_residual_deep_loss", expect=greater_than("unigram_entropy"),
+    metric="no_residual_deep_loss",
+    expect=greater_than("unigram_entropy"),
 )
 @prediction(
     "Without residual connections the deepest stack ends far worse than with them",
-    metric="no_residual_deep_loss", expect=greater_than("residual_deep_loss"),
+    metric="no_residual_deep_loss",
+    expect=greater_than("residual_deep_loss"),
 )
 def test_residuals_let_deep_stacks_train(lab, char_data, ablation_runs, norm_grid, unigram, outcome):
     """Remove the residual connections.
@@ -175,7 +209,19 @@ def test_residuals_let_deep_stacks_train(lab, char_data, ablation_runs, norm_gri
                 curves[label] = mean_curve(ok)
                 if d == max(a.depths):
                     grads[label] = (np.arange(d), np.mean([block_grad_norms(r)[0] for r in ok.values()], axis=0))
-    outcome.plot_lines("val_curves", curves, xlabel="optimizer step", ylabel="val loss (nats/char), mean over seeds",
-                       title="With and without residual connections", hlines={"unigram entropy": unigram})
-    outcome.plot_lines("grad_norm_init", grads, xlabel="block", ylabel="gradient norm (first step)",
-                       title="Per-block gradient norm at initialisation", logy=True)
+    outcome.plot_lines(
+        "val_curves",
+        curves,
+        xlabel="optimizer step",
+        ylabel="val loss (nats/char), mean over seeds",
+        title="With and without residual connections",
+        hlines={"unigram entropy": unigram},
+    )
+    outcome.plot_lines(
+        "grad_norm_init",
+        grads,
+        xlabel="block",
+        ylabel="gradient norm (first step)",
+        title="Per-block gradient norm at initialisation",
+        logy=True,
+    )

@@ -22,7 +22,7 @@ def _prompts(lab, data, n: int, length: int = 16) -> torch.Tensor:
 def _sample(model, prompts, n_tokens, *, seed, **kw) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     out = model.generate(prompts, n_tokens, generator=gen, crop=True, **kw)
-    return out[:, prompts.shape[1]:].tolist()
+    return out[:, prompts.shape[1] :].tolist()
 
 
 @prediction(
@@ -43,10 +43,15 @@ def test_diversity_rises_with_temperature(lab, char_data, baby_runs, outcome):
     prompts = _prompts(lab, char_data, inf.n_prompts)
     curves = {}
     for seed, run in baby_runs.items():
-        d4 = [distinct_n(_sample(run.model, prompts, inf.sample_len, seed=seed, temperature=t), 4) for t in inf.temperatures]
+        d4 = [
+            distinct_n(_sample(run.model, prompts, inf.sample_len, seed=seed, temperature=t), 4)
+            for t in inf.temperatures
+        ]
         outcome.record("rho_temperature_distinct4", spearman(inf.temperatures, d4), seed=seed)
         curves[f"seed {seed}"] = (inf.temperatures, d4)
-    outcome.plot_lines("distinct4", curves, xlabel="temperature", ylabel="distinct-4", title="Sample diversity vs temperature")
+    outcome.plot_lines(
+        "distinct4", curves, xlabel="temperature", ylabel="distinct-4", title="Sample diversity vs temperature"
+    )
 
 
 @prediction(
@@ -73,8 +78,12 @@ def test_greedy_decoding_loops(lab, char_data, baby_runs, outcome):
         outcome.record("loop_fraction", sum(s is not None for s in starts) / len(starts), seed=seed)
         if seed == min(baby_runs):
             for s, start in zip(samples[:3], starts[:3]):
-                rows.append({"loop starts at": start if start is not None else "no loop",
-                             "greedy continuation": char_data.tokenizer.decode(s).replace("\n", " / ")[:160]})
+                rows.append(
+                    {
+                        "loop starts at": start if start is not None else "no loop",
+                        "greedy continuation": char_data.tokenizer.decode(s).replace("\n", " / ")[:160],
+                    }
+                )
     outcome.table("greedy_samples", rows, caption="Greedy continuations of the first prompts (first seed)")
 
 
@@ -110,4 +119,6 @@ def test_top_p_lowers_surprisal(lab, char_data, baby_runs, outcome):
         nucleus = _sample(run.model, prompts, inf.sample_len, seed=seed, temperature=1.0, top_p=0.9)
         outcome.record("surprisal_pure", _mean_surprisal(run.model, prompts, pure), seed=seed, unit="nats/token")
         outcome.record("surprisal_top_p", _mean_surprisal(run.model, prompts, nucleus), seed=seed, unit="nats/token")
-    outcome.note(f"for reference, the uniform distribution over {char_data.vocab_size} characters has surprisal {math.log(char_data.vocab_size):.2f} nats")
+    outcome.note(
+        f"for reference, the uniform distribution over {char_data.vocab_size} characters has surprisal {math.log(char_data.vocab_size):.2f} nats"
+    )

@@ -15,12 +15,16 @@ def _decode(impl, lab_model, hf_model, prompt, n):
         return lab_decode_latencies(lab_model, prompt, n, use_cache=False)
     if impl == "lab_kv_cache":
         return lab_decode_latencies(lab_model, prompt, n, use_cache=True)
-    return hf_decode_latencies(hf_model(), prompt, n, cache_implementation="static" if impl == "hf_static_cache" else None)
+    return hf_decode_latencies(
+        hf_model(), prompt, n, cache_implementation="static" if impl == "hf_static_cache" else None
+    )
 
 
 @pytest.mark.parametrize("length_index", [0, 1, 2, 3], ids=lambda i: f"length{i}")
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt, decode_length, benchmark, outcome, impl, length_index):
+def test_decode_benchmark(
+    lab, decode_model, hf_decode_model, decode_prompt, decode_length, benchmark, outcome, impl, length_index
+):
     """Greedy decode speed: full recompute vs the lab KV cache vs Hugging Face generate.
 
     The same freshly initialised Llama-style model (weights exported once to
@@ -36,8 +40,11 @@ def test_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt, dec
     benchmark.group = f"KV cache: greedy decode of {n} tokens"
     benchmark.extra_info.update(new_tokens=n, implementation=impl)
     latencies = benchmark.pedantic(
-        _decode, args=(impl, model, lambda: hf_decode_model(lab.profile.inference.llama.n_head), decode_prompt, n),
-        rounds=1, iterations=1, warmup_rounds=1 if n <= 500 else 0,
+        _decode,
+        args=(impl, model, lambda: hf_decode_model(lab.profile.inference.llama.n_head), decode_prompt, n),
+        rounds=1,
+        iterations=1,
+        warmup_rounds=1 if n <= 500 else 0,
     )
     assert len(latencies) == n
     outcome.record("tokens_per_s", n / sum(latencies), unit="tokens/s")
@@ -59,12 +66,22 @@ def _speedups(lab, model, prompt, n: int) -> list[float]:
 @pytest.mark.parametrize(
     "which",
     [
-        pytest.param("short", marks=prediction(
-            "The KV cache makes greedy decoding >= 10x faster than recompute for a short generation (100 tokens on the cpu profile)",
-            metric="speedup", expect=at_least(10.0))),
-        pytest.param("long", marks=prediction(
-            "The KV cache makes greedy decoding >= 100x faster than recompute for a long generation (1,000 tokens on the cpu profile)",
-            metric="speedup", expect=at_least(100.0))),
+        pytest.param(
+            "short",
+            marks=prediction(
+                "The KV cache makes greedy decoding >= 10x faster than recompute for a short generation (100 tokens on the cpu profile)",
+                metric="speedup",
+                expect=at_least(10.0),
+            ),
+        ),
+        pytest.param(
+            "long",
+            marks=prediction(
+                "The KV cache makes greedy decoding >= 100x faster than recompute for a long generation (1,000 tokens on the cpu profile)",
+                metric="speedup",
+                expect=at_least(100.0),
+            ),
+        ),
     ],
 )
 def test_kv_cache_speedup(lab, decode_model, decode_prompt, decode_length, outcome, which):
@@ -85,11 +102,13 @@ def test_kv_cache_speedup(lab, decode_model, decode_prompt, decode_length, outco
 
 @prediction(
     "With the KV cache, per-token decode cost is flat in position (last 10% of steps <= 1.5x the first 10%)",
-    metric="cached_tail_to_head", expect=at_most(1.5),
+    metric="cached_tail_to_head",
+    expect=at_most(1.5),
 )
 @prediction(
     "Without a cache, per-token cost grows with position (last 10% of steps >= 2x the first 10%)",
-    metric="recompute_tail_to_head", expect=at_least(2.0),
+    metric="recompute_tail_to_head",
+    expect=at_least(2.0),
 )
 def test_per_token_cost_vs_position(lab, decode_model, decode_prompt, decode_length, outcome):
     """Per-token latency as generation proceeds, with and without the cache.
@@ -113,15 +132,21 @@ def test_per_token_cost_vs_position(lab, decode_model, decode_prompt, decode_len
             for name, lat in (("KV cache", cached), ("recompute", recompute)):
                 ys = smooth(lat)
                 curves[name] = (np.arange(1, len(ys) + 1) + decode_prompt.shape[1], ys)
-    fig = line_figure(curves, xlabel="position of the new token", ylabel="latency per token (ms)", logy=True,
-                      title=f"Per-token decode latency, {n} tokens")
+    fig = line_figure(
+        curves,
+        xlabel="position of the new token",
+        ylabel="latency per token (ms)",
+        logy=True,
+        title=f"Per-token decode latency, {n} tokens",
+    )
     outcome.plot("latency_vs_position", fig, caption=f"Moving average over {max(1, n // 50)} steps, first round.")
     outcome.cite_benchmark(f"KV cache: greedy decode of {n} tokens")
 
 
 @prediction(
     "The lab's cached greedy decode is no slower than Hugging Face generate on the same weights",
-    metric="hf_over_lab_time", expect=at_least(1.0),
+    metric="hf_over_lab_time",
+    expect=at_least(1.0),
 )
 def test_lab_cache_vs_hf_generate(lab, decode_model, hf_decode_model, decode_prompt, decode_length, outcome):
     """Lab KV-cache decode vs Hugging Face `generate` (dynamic cache), same weights.

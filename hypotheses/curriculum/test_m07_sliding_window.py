@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.curriculum, pytest.mark.m07_long_context]
 
 @prediction(
     "A rolling-buffer KV cache's memory stays constant as generation runs past the window (ratio of bytes at 8 windows to half a window = 1)",
-    metric="rolling_growth", expect=at_most(1.0),
+    metric="rolling_growth",
+    expect=at_most(1.0),
 )
 def test_rolling_cache_memory_is_bounded(lab, decode_model, decode_prompt, outcome):
     """Memory of the sliding-window (rolling-buffer) cache vs a full KV cache.
@@ -41,15 +42,21 @@ def test_rolling_cache_memory_is_bounded(lab, decode_model, decode_prompt, outco
     outcome.record("rolling_growth", sizes[lengths[-1]] / sizes[lengths[0]])
     outcome.record("full_growth", full[lengths[-1]] / full[lengths[0]])
     outcome.plot_lines(
-        "cache_bytes", {"rolling buffer (window %d)" % w: (lengths, [sizes[n] / 1024 for n in lengths]),
-                        "full KV cache": (lengths, [full[n] / 1024 for n in lengths])},
-        xlabel="tokens of context", ylabel="KV-cache KiB", title="KV-cache memory vs context length",
+        "cache_bytes",
+        {
+            "rolling buffer (window %d)" % w: (lengths, [sizes[n] / 1024 for n in lengths]),
+            "full KV cache": (lengths, [full[n] / 1024 for n in lengths]),
+        },
+        xlabel="tokens of context",
+        ylabel="KV-cache KiB",
+        title="KV-cache memory vs context length",
     )
 
 
 @prediction(
     "A sliding-window model has higher loss than full attention on positions beyond its window",
-    metric="window_loss_beyond", expect=greater_than("full_loss_beyond"),
+    metric="window_loss_beyond",
+    expect=greater_than("full_loss_beyond"),
 )
 def test_window_hurts_beyond_the_window(lab, char_data, llama_runs, outcome):
     """Loss on text that needs context beyond the window.
@@ -74,13 +81,19 @@ def test_window_hurts_beyond_the_window(lab, char_data, llama_runs, outcome):
         if seed == lab.seeds[0]:
             curves["full attention"] = (np.arange(len(full_pos)), full_pos)
             curves[f"sliding window {w}"] = (np.arange(len(win_pos)), win_pos)
-    outcome.plot_lines("per_position", curves, xlabel="position in block", ylabel="val loss (nats/char)",
-                       title="Per-position validation loss (first seed)")
+    outcome.plot_lines(
+        "per_position",
+        curves,
+        xlabel="position in block",
+        ylabel="val loss (nats/char)",
+        title="Per-position validation loss (first seed)",
+    )
 
 
 @prediction(
     "With a rolling cache, per-token decode cost does not grow with total length (last 10% of steps <= 1.5x the first 10%)",
-    metric="tail_to_head", expect=at_most(1.5),
+    metric="tail_to_head",
+    expect=at_most(1.5),
 )
 def test_rolling_decode_cost_is_flat(lab, decode_model, decode_prompt, outcome):
     """Per-token decode latency with a sliding window as generation grows.
@@ -93,4 +106,6 @@ def test_rolling_decode_cost_is_flat(lab, decode_model, decode_prompt, outcome):
     n = max(inf.decode_lengths)
     model = decode_model(inf.llama.n_head, sliding_window=inf.window)
     for rnd in range(inf.timing_rounds):
-        outcome.record("tail_to_head", tail_to_head_ratio(lab_decode_latencies(model, decode_prompt, n, use_cache=True)), seed=rnd)
+        outcome.record(
+            "tail_to_head", tail_to_head_ratio(lab_decode_latencies(model, decode_prompt, n, use_cache=True)), seed=rnd
+        )

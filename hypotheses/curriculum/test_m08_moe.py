@@ -32,16 +32,18 @@ def moe_runs(lab, ablation_runs):
 def _late_entropy(run) -> np.ndarray:
     """Per layer, the normalised entropy of expert load averaged over the last 10% of steps."""
     ent = normalized_entropy(expert_load(run))  # (steps, layers)
-    return ent[-max(1, len(ent) // 10):].mean(0)
+    return ent[-max(1, len(ent) // 10) :].mean(0)
 
 
 @prediction(
     "Without the load-balancing loss, expert utilisation is less even than with it (normalised load entropy, last 10% of training)",
-    metric="noaux_entropy", expect=less_than("aux_entropy"),
+    metric="noaux_entropy",
+    expect=less_than("aux_entropy"),
 )
 @prediction(
     "Without the load-balancing loss, routing collapses: normalised load entropy falls to 0.75 or below",
-    metric="noaux_entropy", expect=at_most(0.75),
+    metric="noaux_entropy",
+    expect=at_most(0.75),
 )
 def test_routing_collapses_without_balancing(lab, moe_runs, outcome):
     """Expert utilisation over training, with and without the auxiliary loss.
@@ -67,9 +69,14 @@ def test_routing_collapses_without_balancing(lab, moe_runs, outcome):
         window = max(1, len(ent) // 50)
         for layer in range(ent.shape[1]):
             smooth = np.convolve(ent[:, layer], np.ones(window) / window, mode="valid")
-            lines[f"layer {layer}, {label}"] = (steps[window - 1:], smooth)
-    outcome.plot_lines("utilisation_entropy", lines, xlabel="optimizer step", ylabel="normalised load entropy",
-                       title=f"Expert utilisation over training (seed {first})")
+            lines[f"layer {layer}, {label}"] = (steps[window - 1 :], smooth)
+    outcome.plot_lines(
+        "utilisation_entropy",
+        lines,
+        xlabel="optimizer step",
+        ylabel="normalised load entropy",
+        title=f"Expert utilisation over training (seed {first})",
+    )
     outcome.plot("expert_load", _load_figure(moe_runs, first), caption="Share of routed tokens per expert, layer 0")
 
 
@@ -88,7 +95,8 @@ def _load_figure(moe_runs, seed):
 
 @prediction(
     "At equal active parameters and steps, the balanced MoE reaches lower val loss than the dense model",
-    metric="moe_aux_val_loss", expect=less_than("dense_val_loss"),
+    metric="moe_aux_val_loss",
+    expect=less_than("dense_val_loss"),
 )
 def test_moe_beats_dense_at_equal_active_parameters(lab, moe_runs, outcome):
     """Dense MLP vs mixture of experts with the same compute per token.

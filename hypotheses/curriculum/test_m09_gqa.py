@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from lab.decoding import hf_cache_bytes, hf_decode_latencies, lab_decode_latencies
@@ -16,7 +15,8 @@ def _kv_name(n_kv: int, n_head: int) -> str:
 
 @prediction(
     "The KV-cache bytes ratio MHA / GQA (or MQA) equals n_head / n_kv_head exactly",
-    metric="ratio_over_expected", expect=between(1.0, 1.0),
+    metric="ratio_over_expected",
+    expect=between(1.0, 1.0),
 )
 @pytest.mark.parametrize("kv_index", [1, 2], ids=["gqa", "mqa"])
 def test_cache_bytes_ratio(lab, decode_model, outcome, kv_index):
@@ -48,7 +48,9 @@ def test_gqa_decode_speed(lab, decode_model, decode_prompt, outcome):
     n = max(inf.decode_lengths)
     h, g, m = inf.kv_heads
     for rnd in range(inf.timing_rounds):
-        tps = {kv: n / sum(lab_decode_latencies(decode_model(kv), decode_prompt, n, use_cache=True)) for kv in (h, g, m)}
+        tps = {
+            kv: n / sum(lab_decode_latencies(decode_model(kv), decode_prompt, n, use_cache=True)) for kv in (h, g, m)
+        }
         outcome.record("gqa_speedup", tps[g] / tps[h], seed=rnd)
         outcome.record("mqa_speedup", tps[m] / tps[h], seed=rnd)
         outcome.record("mha_tokens_per_s", tps[h], seed=rnd, unit="tokens/s")
@@ -57,11 +59,13 @@ def test_gqa_decode_speed(lab, decode_model, decode_prompt, outcome):
 
 @prediction(
     "At equal training budget GQA's val loss is within 0.02 nats of MHA's (seed noise)",
-    metric="gqa_minus_mha", expect=between(-0.02, 0.02),
+    metric="gqa_minus_mha",
+    expect=between(-0.02, 0.02),
 )
 @prediction(
     "At equal training budget MQA is measurably worse than MHA",
-    metric="mqa_minus_mha", expect=greater_than(0.0),
+    metric="mqa_minus_mha",
+    expect=greater_than(0.0),
 )
 def test_gqa_quality(lab, llama_runs, outcome):
     """Quality cost of sharing K/V heads, at equal training budget.
@@ -81,14 +85,23 @@ def test_gqa_quality(lab, llama_runs, outcome):
         outcome.record("mqa_minus_mha", runs[m].final_val_loss - runs[h].final_val_loss, seed=seed, unit="nats/char")
         if seed == lab.seeds[0]:
             for kv, run in runs.items():
-                curves[f"{_kv_name(kv, h)} ({kv} KV heads)"] = ([e["step"] for e in run.evals], [e["val_loss"] for e in run.evals])
-    outcome.plot_lines("val_curves", curves, xlabel="step", ylabel="val loss (nats/char)",
-                       title="MHA vs GQA vs MQA, equal budget (first seed)")
+                curves[f"{_kv_name(kv, h)} ({kv} KV heads)"] = (
+                    [e["step"] for e in run.evals],
+                    [e["val_loss"] for e in run.evals],
+                )
+    outcome.plot_lines(
+        "val_curves",
+        curves,
+        xlabel="step",
+        ylabel="val loss (nats/char)",
+        title="MHA vs GQA vs MQA, equal budget (first seed)",
+    )
 
 
 @prediction(
     "Mean-pooling a trained MHA model's K/V heads into GQA and briefly uptraining recovers most (>= 50%) of the loss gap",
-    metric="gap_closed", expect=at_least(0.5),
+    metric="gap_closed",
+    expect=at_least(0.5),
 )
 def test_mha_to_gqa_uptraining(lab, char_data, llama_runs, outcome):
     """The GQA paper's recipe: convert a trained MHA checkpoint, then uptrain.
@@ -113,15 +126,24 @@ def test_mha_to_gqa_uptraining(lab, char_data, llama_runs, outcome):
         outcome.record("gap_closed", (pooled - up.final_val_loss) / (pooled - mha.final_val_loss), seed=seed)
         outcome.record("val_loss_converted", pooled, seed=seed, unit="nats/char")
         outcome.record("val_loss_uptrained", up.final_val_loss, seed=seed, unit="nats/char")
-        rows.append({"seed": seed, "MHA": mha.final_val_loss, "converted, no uptraining": pooled,
-                     "uptrained": up.final_val_loss, "GQA from scratch": scratch})
+        rows.append(
+            {
+                "seed": seed,
+                "MHA": mha.final_val_loss,
+                "converted, no uptraining": pooled,
+                "uptrained": up.final_val_loss,
+                "GQA from scratch": scratch,
+            }
+        )
     outcome.table("losses", rows, caption="Validation loss (nats/char) at each stage")
 
 
 @pytest.mark.parametrize("length_index", [0, 1, 2, 3], ids=lambda i: f"length{i}")
 @pytest.mark.parametrize("impl", ["lab", "hf"])
 @pytest.mark.parametrize("kv_index", [0, 1, 2], ids=["mha", "gqa", "mqa"])
-def test_gqa_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt, decode_length, benchmark, outcome, kv_index, impl, length_index):
+def test_gqa_decode_benchmark(
+    lab, decode_model, hf_decode_model, decode_prompt, decode_length, benchmark, outcome, kv_index, impl, length_index
+):
     """Cache memory and cached decode speed vs context length for MHA / GQA / MQA,
     on the lab model and on its Hugging Face export.
 
@@ -147,8 +169,12 @@ def test_gqa_decode_benchmark(lab, decode_model, hf_decode_model, decode_prompt,
     latencies = benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=1)
     peak = mem.stop()
     benchmark.extra_info.update(
-        implementation=f"{impl} {_kv_name(kv, inf.llama.n_head)}", new_tokens=n, kv_heads=kv,
-        cache_bytes=cache_bytes, tokens_per_s=round(n / sum(latencies), 1), peak_rss_mib=round(peak / 2**20, 1),
+        implementation=f"{impl} {_kv_name(kv, inf.llama.n_head)}",
+        new_tokens=n,
+        kv_heads=kv,
+        cache_bytes=cache_bytes,
+        tokens_per_s=round(n / sum(latencies), 1),
+        peak_rss_mib=round(peak / 2**20, 1),
     )
     outcome.record("tokens_per_s", n / sum(latencies), unit="tokens/s")
     outcome.record("cache_bytes", cache_bytes, unit="bytes")

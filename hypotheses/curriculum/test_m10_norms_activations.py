@@ -20,7 +20,8 @@ NORMS = ("layernorm", "rmsnorm")
 
 @prediction(
     "RMSNorm trains as well as LayerNorm: final val loss within +-0.02 nats/char",
-    metric="rmsnorm_minus_layernorm", expect=between(-0.02, 0.02),
+    metric="rmsnorm_minus_layernorm",
+    expect=between(-0.02, 0.02),
 )
 def test_rmsnorm_matches_layernorm(lab, ablation_runs, outcome):
     """LayerNorm vs RMSNorm in the shared small GPT.
@@ -31,8 +32,11 @@ def test_rmsnorm_matches_layernorm(lab, ablation_runs, outcome):
     runs = {norm: ablation_runs(norm=norm) for norm in NORMS}
     compare_runs(outcome, runs, title="LayerNorm vs RMSNorm: validation loss", baseline="layernorm")
     for seed in lab.seeds:
-        outcome.record("rmsnorm_minus_layernorm",
-                       runs["rmsnorm"][seed].final_val_loss - runs["layernorm"][seed].final_val_loss, seed=seed)
+        outcome.record(
+            "rmsnorm_minus_layernorm",
+            runs["rmsnorm"][seed].final_val_loss - runs["layernorm"][seed].final_val_loss,
+            seed=seed,
+        )
 
 
 def _step_fn(lab, data, norm):
@@ -60,14 +64,16 @@ def test_norm_step_benchmark(lab, char_data, benchmark, outcome, norm):
     """
     benchmark.group = "m10: training step, LayerNorm vs RMSNorm"
     benchmark.extra_info["norm"] = norm
-    benchmark.pedantic(_step_fn(lab, char_data, norm), rounds=max(10, lab.profile.architecture.steps // 10),
-                       warmup_rounds=5)
+    benchmark.pedantic(
+        _step_fn(lab, char_data, norm), rounds=max(10, lab.profile.architecture.steps // 10), warmup_rounds=5
+    )
     outcome.cite_benchmark(benchmark.group)
 
 
 @prediction(
     "RMSNorm makes a training step faster than LayerNorm (step-time ratio RMSNorm / LayerNorm < 1)",
-    metric="rms_over_ln_step_time", expect=less_than(1.0),
+    metric="rms_over_ln_step_time",
+    expect=less_than(1.0),
 )
 def test_rmsnorm_step_time(lab, char_data, outcome):
     """Training-step time, RMSNorm over LayerNorm, interleaved in one process.
@@ -91,17 +97,21 @@ def test_rmsnorm_step_time(lab, char_data, outcome):
         outcome.record("rms_over_ln_step_time", times["rmsnorm"] / times["layernorm"], seed=r)
         for norm, t in times.items():
             outcome.record(f"{norm}_step_ms", t * 1e3, seed=r, unit="ms")
-    outcome.note(f"torch {torch.__version__}, {torch.get_num_threads()} threads. The lab's RMSNorm is written "
-                 "out in Python ops (exactly Hugging Face's LlamaRMSNorm); LayerNorm is one fused kernel.")
+    outcome.note(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads. The lab's RMSNorm is written "
+        "out in Python ops (exactly Hugging Face's LlamaRMSNorm); LayerNorm is one fused kernel."
+    )
 
 
 @prediction(
     "SwiGLU beats GELU at the same parameter count (lower val loss)",
-    metric="swiglu_val_loss", expect=less_than("gelu_val_loss"),
+    metric="swiglu_val_loss",
+    expect=less_than("gelu_val_loss"),
 )
 @prediction(
     "GELU beats ReLU at the same parameter count (lower val loss)",
-    metric="gelu_val_loss", expect=less_than("relu_val_loss"),
+    metric="gelu_val_loss",
+    expect=less_than("relu_val_loss"),
 )
 def test_activations_at_matched_parameters(lab, ablation_runs, outcome):
     """GELU vs ReLU vs SwiGLU MLPs with exactly the same number of weights.

@@ -35,11 +35,13 @@ def _windows(array, lab, n_batches, seed):
 
 @prediction(
     "Causal LM predicts the next token better than prefix LM (causal-task val loss)",
-    metric="clm_next_token", expect=less_than("prefix_lm_next_token"),
+    metric="clm_next_token",
+    expect=less_than("prefix_lm_next_token"),
 )
 @prediction(
     "Prefix LM predicts the next token better than masked LM (causal-task val loss)",
-    metric="prefix_lm_next_token", expect=less_than("mlm_next_token"),
+    metric="prefix_lm_next_token",
+    expect=less_than("mlm_next_token"),
 )
 def test_causal_lm_is_best_at_next_token(lab, char_data, objective_runs, outcome):
     """Which objective makes the best next-token predictor (the generation task)?
@@ -66,10 +68,16 @@ def test_causal_lm_is_best_at_next_token(lab, char_data, objective_runs, outcome
             outcome.record(f"{obj}_next_token", float(nll.mean()), seed=seed, unit="nats/char")
             per_pos.append(nll.mean(0).numpy())
         lines[obj] = (positions, np.mean(per_pos, axis=0))
-    outcome.plot_lines("next_token_by_context", lines, xlabel="context length (tokens)",
-                       ylabel="next-token loss (nats/char), mean over seeds",
-                       title="Causal-task loss by objective")
-    compare_runs(outcome, objective_runs, title="Each objective's own validation loss (not comparable across objectives)")
+    outcome.plot_lines(
+        "next_token_by_context",
+        lines,
+        xlabel="context length (tokens)",
+        ylabel="next-token loss (nats/char), mean over seeds",
+        title="Causal-task loss by objective",
+    )
+    compare_runs(
+        outcome, objective_runs, title="Each objective's own validation loss (not comparable across objectives)"
+    )
     unigram = unigram_entropy(char_data.tokenizer.decode(char_data.val.tolist()))
     outcome.record("unigram_entropy", unigram, unit="nats/char")
     for obj, by_seed in objective_runs.items():
@@ -97,11 +105,13 @@ def _probe_split(model, obj, array, lab, n, seed):
 
 @prediction(
     "Masked LM represents the prefix better than causal LM: a linear probe decodes the token two back more accurately",
-    metric="mlm_probe_accuracy", expect=greater_than("clm_probe_accuracy"),
+    metric="mlm_probe_accuracy",
+    expect=greater_than("clm_probe_accuracy"),
 )
 @prediction(
     "Prefix LM represents the prefix better than causal LM: a linear probe decodes the token two back more accurately",
-    metric="prefix_lm_probe_accuracy", expect=greater_than("clm_probe_accuracy"),
+    metric="prefix_lm_probe_accuracy",
+    expect=greater_than("clm_probe_accuracy"),
 )
 def test_bidirectional_objectives_represent_the_prefix_better(lab, char_data, objective_runs, outcome):
     """Linear probe: what does each objective keep about the text already read?
@@ -121,7 +131,14 @@ def test_bidirectional_objectives_represent_the_prefix_better(lab, char_data, ob
             vx, vy = _probe_split(run.model, obj, char_data.val, lab, n, seed=200 + seed)
             res = fit_probe(tx, ty, vx, vy, seed=seed)
             outcome.record(f"{obj}_probe_accuracy", res.accuracy, seed=seed)
-            rows.append({"objective": obj, "seed": seed, "probe accuracy": round(res.accuracy, 4),
-                         "train accuracy": round(res.train_accuracy, 4), "majority baseline": round(res.majority, 4),
-                         "positions (train/test)": f"{res.n_train}/{res.n_test}"})
+            rows.append(
+                {
+                    "objective": obj,
+                    "seed": seed,
+                    "probe accuracy": round(res.accuracy, 4),
+                    "train accuracy": round(res.train_accuracy, 4),
+                    "majority baseline": round(res.majority, 4),
+                    "positions (train/test)": f"{res.n_train}/{res.n_test}",
+                }
+            )
     outcome.table("probe", rows, caption="Linear probe for the character two positions back, final hidden state")

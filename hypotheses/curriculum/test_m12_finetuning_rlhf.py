@@ -25,12 +25,13 @@ from lab.posttrain import (
 )
 from lab.report import at_least, greater_than, prediction
 
-PILOT_NOTE = ("Disclosure: these predictions were written after pilot runs on seed 0 (used to choose sizes and "
-              "learning rates): SFT well-formed 0.65, DPO score 0.38 -> 0.64, KL 5.7 / 8.4 / 12.0 nats at beta "
-              "0.5 / 0.1 / 0.02, RM accuracy 0.65 -> 0.90 from 16 to 768 pairs. Seeds 1 and 2 were unseen.")
+PILOT_NOTE = (
+    "Disclosure: these predictions were written after pilot runs on seed 0 (used to choose sizes and "
+    "learning rates): SFT well-formed 0.65, DPO score 0.38 -> 0.64, KL 5.7 / 8.4 / 12.0 nats at beta "
+    "0.5 / 0.1 / 0.02, RM accuracy 0.65 -> 0.90 from 16 to 768 pairs. Seeds 1 and 2 were unseen."
+)
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m12_finetuning_rlhf]
-
 
 
 # independent random streams per stage, so a result does not depend on which hypotheses ran first
@@ -63,8 +64,10 @@ class PosttrainBench:
         self.alphabet = "".join(self.tok.chars)
         self.task = WordTask.from_text(self.tok.decode(char_data.train.tolist()))
         if s.max_new_tokens < self.task.max_completion_len:
-            raise ValueError(f"max_new_tokens={s.max_new_tokens} cannot hold the longest answer "
-                             f"({self.task.max_completion_len} characters)")
+            raise ValueError(
+                f"max_new_tokens={s.max_new_tokens} cannot hold the longest answer "
+                f"({self.task.max_completion_len} characters)"
+            )
         self._c = {}
 
     def _cached(self, key, make):
@@ -78,12 +81,23 @@ class PosttrainBench:
 
     def sft(self, seed):
         """(SFT model, loss history)."""
+
         def make():
             s, history = self.s, []
             prompts, answers = self.task.sft_examples(s.sft_examples, _gen(seed, "sft_data"))
-            model = sft(self.base(seed), self.tok, prompts, answers, steps=s.sft_steps, batch_size=s.sft_batch_size,
-                        lr=s.sft_lr, seed=seed, history=history)
+            model = sft(
+                self.base(seed),
+                self.tok,
+                prompts,
+                answers,
+                steps=s.sft_steps,
+                batch_size=s.sft_batch_size,
+                lr=s.sft_lr,
+                seed=seed,
+                history=history,
+            )
             return model, history
+
         return self._cached(("sft", seed), make)
 
     def _pairs(self, seed, split, need):
@@ -94,38 +108,52 @@ class PosttrainBench:
         pairs, ties, asked = [], 0, 0
         while len(pairs) < need:
             if asked >= 10 * max(need, n):
-                raise ValueError(f"the SFT model of seed {seed} gave only {len(pairs)} untied pairs from {asked} "
-                                 f"{split} prompts, {need} needed")
-            got, t = preference_pairs(model, self.tok, self.task.prompts(split, n, gen), vowel_fraction,
-                                      max_new_tokens=self.s.max_new_tokens, generator=gen)
+                raise ValueError(
+                    f"the SFT model of seed {seed} gave only {len(pairs)} untied pairs from {asked} "
+                    f"{split} prompts, {need} needed"
+                )
+            got, t = preference_pairs(
+                model,
+                self.tok,
+                self.task.prompts(split, n, gen),
+                vowel_fraction,
+                max_new_tokens=self.s.max_new_tokens,
+                generator=gen,
+            )
             pairs, ties, asked = pairs + got, ties + t, asked + n
         return pairs, ties, asked
 
     def train_pairs(self, seed):
         """The training preference pairs (max(rm_sizes) of them), written to a JSONL file
         and read back through the validating reader, and the tie count."""
+
         def make():
             pairs, ties, asked = self._pairs(seed, "train", max(self.s.rm_sizes))
             path = write_preferences(self.workdir / f"preferences-seed{seed}.jsonl", pairs[: max(self.s.rm_sizes)])
             return read_preferences(path, alphabet=self.alphabet), ties, asked
+
         return self._cached(("train_pairs", seed), make)
 
     def held_pairs(self, seed):
         return self._cached(("held_pairs", seed), lambda: self._pairs(seed, "held_out", 1)[0])
 
     def eval_prompts(self, seed):
-        return self._cached(("eval_prompts", seed),
-                            lambda: self.task.prompts("held_out", self.s.eval_prompts, _gen(seed, "eval_prompts")))
+        return self._cached(
+            ("eval_prompts", seed),
+            lambda: self.task.prompts("held_out", self.s.eval_prompts, _gen(seed, "eval_prompts")),
+        )
 
     def evaluate(self, seed, which):
         """which: "base", "sft" or a DPO beta. One sample per held-out eval prompt (the same
         sampling stream for every model), its mean score, well-formed and known-word
         shares, and KL(model || SFT) estimated on those samples."""
+
         def make():
             model = self.model(seed, which)
             prompts = self.eval_prompts(seed)
-            answers = sample_completions(model, self.tok, prompts, max_new_tokens=self.s.max_new_tokens,
-                                         generator=_gen(seed, "eval_samples"))
+            answers = sample_completions(
+                model, self.tok, prompts, max_new_tokens=self.s.max_new_tokens, generator=_gen(seed, "eval_samples")
+            )
             out = {
                 "answers": answers,
                 "score": _mean(vowel_fraction(a) for a in answers),
@@ -135,6 +163,7 @@ class PosttrainBench:
             if which != "base":
                 out["kl"] = kl_estimate(model, self.sft(seed)[0], self.tok, prompts, answers)
             return out
+
         return self._cached(("eval", seed, which), make)
 
     def model(self, seed, which):
@@ -146,21 +175,36 @@ class PosttrainBench:
 
     def dpo(self, seed, beta):
         """(policy, history): DPO from the SFT model against itself frozen, on the training pairs."""
+
         def make():
             s, history = self.s, []
             ref = self.sft(seed)[0]
-            policy = dpo(ref, ref, self.tok, self.train_pairs(seed)[0], beta=beta, steps=s.dpo_steps,
-                         batch_size=s.dpo_batch_size, lr=s.dpo_lr, seed=seed, history=history)
+            policy = dpo(
+                ref,
+                ref,
+                self.tok,
+                self.train_pairs(seed)[0],
+                beta=beta,
+                steps=s.dpo_steps,
+                batch_size=s.dpo_batch_size,
+                lr=s.dpo_lr,
+                seed=seed,
+                history=history,
+            )
             return policy, history
+
         return self._cached(("dpo", seed, beta), make)
 
     def rm_accuracy(self, seed, n):
         """(held-out, training) pairwise accuracy of a reward model trained on the first n pairs."""
+
         def make():
             s, pairs = self.s, self.train_pairs(seed)[0][:n]
-            rm = train_reward_model(self.sft(seed)[0], self.tok, pairs, steps=s.rm_steps, batch_size=s.rm_batch_size,
-                                    lr=s.rm_lr, seed=seed)
+            rm = train_reward_model(
+                self.sft(seed)[0], self.tok, pairs, steps=s.rm_steps, batch_size=s.rm_batch_size, lr=s.rm_lr, seed=seed
+            )
             return pairwise_accuracy(rm, self.tok, self.held_pairs(seed)), pairwise_accuracy(rm, self.tok, pairs)
+
         return self._cached(("rm", seed, n), make)
 
 
@@ -172,7 +216,8 @@ def bench(lab, char_data, baby_runs, tmp_path_factory):
 @prediction(
     "SFT teaches the answer format: at least half of the SFT model's samples on held-out prompts are "
     "well formed (the prompt's two letters, more lowercase letters, a newline)",
-    metric="well_formed_sft", expect=at_least(0.5),
+    metric="well_formed_sft",
+    expect=at_least(0.5),
 )
 def test_sft_learns_format(lab, bench, outcome):
     """Supervised fine-tuning on a tiny instruction task.
@@ -200,22 +245,34 @@ def test_sft_learns_format(lab, bench, outcome):
         outcome.record("score_sft", tuned["score"], seed=seed, unit="vowel fraction")
         history = bench.sft(seed)[1]
         curves[f"seed {seed}"] = ([h["step"] for h in history], [h["loss"] for h in history])
-    outcome.plot_lines("sft_loss", curves, xlabel="SFT step", ylabel="answer cross-entropy (nats/char)",
-                       title=f"SFT on the word task ({s.sft_steps} steps, batch {s.sft_batch_size})")
+    outcome.plot_lines(
+        "sft_loss",
+        curves,
+        xlabel="SFT step",
+        ylabel="answer cross-entropy (nats/char)",
+        title=f"SFT on the word task ({s.sft_steps} steps, batch {s.sft_batch_size})",
+    )
     seed = lab.seeds[0]
     prompts = bench.eval_prompts(seed)
     base, tuned = bench.evaluate(seed, "base")["answers"], bench.evaluate(seed, "sft")["answers"]
-    outcome.table("sft_examples", [
-        {"prompt": p, "base": repr(b), "SFT": repr(t), "well formed": bench.task.well_formed(p, t)}
-        for p, b, t in list(zip(prompts, base, tuned))[: s.example_rows]
-    ], caption=f"Held-out prompts, one sample each (seed {seed}, temperature 1)")
-    outcome.note(f"{len(bench.task.train_prefixes)} training and {len(bench.task.held_out_prefixes)} held-out "
-                 f"prefixes; held-out examples: {', '.join(bench.task.held_out_prefixes[:8])}.")
+    outcome.table(
+        "sft_examples",
+        [
+            {"prompt": p, "base": repr(b), "SFT": repr(t), "well formed": bench.task.well_formed(p, t)}
+            for p, b, t in list(zip(prompts, base, tuned))[: s.example_rows]
+        ],
+        caption=f"Held-out prompts, one sample each (seed {seed}, temperature 1)",
+    )
+    outcome.note(
+        f"{len(bench.task.train_prefixes)} training and {len(bench.task.held_out_prefixes)} held-out "
+        f"prefixes; held-out examples: {', '.join(bench.task.held_out_prefixes[:8])}."
+    )
 
 
 @prediction(
     "DPO (beta 0.1) raises the mean vowel fraction of answers to held-out prompts above the SFT model's",
-    metric="score_dpo", expect=greater_than("score_sft"),
+    metric="score_dpo",
+    expect=greater_than("score_sft"),
 )
 def test_dpo_raises_score(lab, bench, outcome):
     """DPO on vowel-fraction preferences, scored on held-out prompts.
@@ -245,26 +302,42 @@ def test_dpo_raises_score(lab, bench, outcome):
         outcome.record("final_implicit_accuracy", bench.dpo(seed, beta)[1][-1]["accuracy"], seed=seed)
     seed = lab.seeds[0]
     prompts = bench.eval_prompts(seed)
-    columns = {"SFT": bench.evaluate(seed, "sft")["answers"],
-               **{f"DPO beta={b:g}": bench.evaluate(seed, b)["answers"] for b in s.dpo_betas}}
+    columns = {
+        "SFT": bench.evaluate(seed, "sft")["answers"],
+        **{f"DPO beta={b:g}": bench.evaluate(seed, b)["answers"] for b in s.dpo_betas},
+    }
     rows = []
     for i, p in enumerate(prompts[: s.example_rows]):
         rows.append({"prompt": p, **{k: f"{v[i]!r} ({vowel_fraction(v[i]):.2f})" for k, v in columns.items()}})
-    outcome.table("examples", rows, caption=f"One sample per held-out prompt, the same sampling stream for every "
-                  f"model (seed {seed}); vowel fraction in brackets")
-    curves = {f"seed {sd}": ([h["step"] for h in bench.dpo(sd, beta)[1]], [h["loss"] for h in bench.dpo(sd, beta)[1]])
-              for sd in lab.seeds}
-    outcome.plot_lines("dpo_loss", curves, xlabel="DPO step", ylabel="DPO loss (batch)",
-                       title=f"DPO at beta={beta:g}", hlines={"log 2 (pi = ref)": 0.6931})
+    outcome.table(
+        "examples",
+        rows,
+        caption=f"One sample per held-out prompt, the same sampling stream for every "
+        f"model (seed {seed}); vowel fraction in brackets",
+    )
+    curves = {
+        f"seed {sd}": ([h["step"] for h in bench.dpo(sd, beta)[1]], [h["loss"] for h in bench.dpo(sd, beta)[1]])
+        for sd in lab.seeds
+    }
+    outcome.plot_lines(
+        "dpo_loss",
+        curves,
+        xlabel="DPO step",
+        ylabel="DPO loss (batch)",
+        title=f"DPO at beta={beta:g}",
+        hlines={"log 2 (pi = ref)": 0.6931},
+    )
 
 
 @prediction(
     "The KL from the reference grows as beta falls: KL(pi || SFT) at the smallest beta exceeds that at the largest",
-    metric="kl_smallest_beta", expect=greater_than("kl_largest_beta"),
+    metric="kl_smallest_beta",
+    expect=greater_than("kl_largest_beta"),
 )
 @prediction(
     "...and it grows at every step down the beta grid (share of adjacent beta pairs where KL rises = 1)",
-    metric="kl_monotone", expect=at_least(1.0),
+    metric="kl_monotone",
+    expect=at_least(1.0),
 )
 def test_kl_grows_as_beta_falls(lab, bench, outcome):
     """KL(pi || ref) and the score across the DPO beta grid.
@@ -295,30 +368,59 @@ def test_kl_grows_as_beta_falls(lab, bench, outcome):
         score_lines[f"seed {seed}"] = (list(betas), scores)
         frontier[f"seed {seed}"] = ([0.0, *kls], [bench.evaluate(seed, "sft")["score"], *scores])
     sft_score = _mean(bench.evaluate(seed, "sft")["score"] for seed in lab.seeds)
-    outcome.plot_lines("kl_vs_inverse_beta", kl_lines, xlabel="1 / beta", ylabel="KL(pi || SFT), nats per answer",
-                       title="Drift from the reference vs 1/beta", logx=True)
-    outcome.plot_lines("score_vs_beta", score_lines, xlabel="beta", ylabel="mean vowel fraction, held-out prompts",
-                       title="Score vs beta", logx=True, hlines={"SFT (mean over seeds)": sft_score})
-    outcome.plot_lines("score_vs_kl", frontier, xlabel="KL(pi || SFT), nats per answer",
-                       ylabel="mean vowel fraction, held-out prompts",
-                       title="Score bought per nat of KL (first point: SFT; then beta descending)")
-    rows = [{"beta": b, "1/beta": round(1 / b, 1),
-             "KL (nats), mean": round(_mean(bench.evaluate(sd, b)["kl"].mean for sd in lab.seeds), 3),
-             "score, mean": round(_mean(bench.evaluate(sd, b)["score"] for sd in lab.seeds), 3),
-             "well formed, mean": round(_mean(bench.evaluate(sd, b)["well_formed"] for sd in lab.seeds), 3)}
-            for b in betas]
-    sft_row = {"beta": "SFT", "1/beta": "-", "KL (nats), mean": 0.0, "score, mean": round(sft_score, 3),
-               "well formed, mean": round(_mean(bench.evaluate(sd, "sft")["well_formed"] for sd in lab.seeds), 3)}
+    outcome.plot_lines(
+        "kl_vs_inverse_beta",
+        kl_lines,
+        xlabel="1 / beta",
+        ylabel="KL(pi || SFT), nats per answer",
+        title="Drift from the reference vs 1/beta",
+        logx=True,
+    )
+    outcome.plot_lines(
+        "score_vs_beta",
+        score_lines,
+        xlabel="beta",
+        ylabel="mean vowel fraction, held-out prompts",
+        title="Score vs beta",
+        logx=True,
+        hlines={"SFT (mean over seeds)": sft_score},
+    )
+    outcome.plot_lines(
+        "score_vs_kl",
+        frontier,
+        xlabel="KL(pi || SFT), nats per answer",
+        ylabel="mean vowel fraction, held-out prompts",
+        title="Score bought per nat of KL (first point: SFT; then beta descending)",
+    )
+    rows = [
+        {
+            "beta": b,
+            "1/beta": round(1 / b, 1),
+            "KL (nats), mean": round(_mean(bench.evaluate(sd, b)["kl"].mean for sd in lab.seeds), 3),
+            "score, mean": round(_mean(bench.evaluate(sd, b)["score"] for sd in lab.seeds), 3),
+            "well formed, mean": round(_mean(bench.evaluate(sd, b)["well_formed"] for sd in lab.seeds), 3),
+        }
+        for b in betas
+    ]
+    sft_row = {
+        "beta": "SFT",
+        "1/beta": "-",
+        "KL (nats), mean": 0.0,
+        "score, mean": round(sft_score, 3),
+        "well formed, mean": round(_mean(bench.evaluate(sd, "sft")["well_formed"] for sd in lab.seeds), 3),
+    }
     outcome.table("beta_grid", [sft_row, *rows], caption="Means over seeds on held-out prompts")
 
 
 @prediction(
     "A reward model trained on the most pairs ranks at least 70% of held-out pairs correctly",
-    metric="rm_acc_largest", expect=at_least(0.7),
+    metric="rm_acc_largest",
+    expect=at_least(0.7),
 )
 @prediction(
     "Reward-model accuracy grows with data: the largest training set beats the smallest on held-out pairs",
-    metric="rm_acc_largest", expect=greater_than("rm_acc_smallest"),
+    metric="rm_acc_largest",
+    expect=greater_than("rm_acc_smallest"),
 )
 def test_reward_model_accuracy_vs_pairs(lab, bench, outcome):
     """Bradley-Terry reward model: held-out pairwise accuracy vs training pairs.
@@ -344,6 +446,12 @@ def test_reward_model_accuracy_vs_pairs(lab, bench, outcome):
         outcome.record("rm_eval_pairs", len(bench.held_pairs(seed)), seed=seed)
         lines[f"held-out, seed {seed}"] = (list(sizes), [a[0] for a in acc])
         train_lines[f"training, seed {seed}"] = (list(sizes), [a[1] for a in acc])
-    outcome.plot_lines("rm_accuracy_vs_pairs", {**lines, **train_lines}, xlabel="training pairs",
-                       ylabel="pairwise accuracy", title="Reward model: accuracy vs data", logx=True,
-                       hlines={"chance": 0.5})
+    outcome.plot_lines(
+        "rm_accuracy_vs_pairs",
+        {**lines, **train_lines},
+        xlabel="training pairs",
+        ylabel="pairwise accuracy",
+        title="Reward model: accuracy vs data",
+        logx=True,
+        hlines={"chance": 0.5},
+    )

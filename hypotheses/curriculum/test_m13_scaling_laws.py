@@ -26,7 +26,6 @@ from lab.scaling import (
 pytestmark = [pytest.mark.curriculum, pytest.mark.m13_scaling_laws]
 
 
-
 ALPHA_PRIOR = (0.1, 1.0)  # exponent of N with an irreducible term (Chinchilla: 0.34; Kaplan's E-free 0.076)
 BETA_PRIOR = (0.1, 1.0)  # exponent of D (Chinchilla: 0.28)
 RATIO_PRIOR = (CHINCHILLA_TOKENS_PER_PARAM / 10, CHINCHILLA_TOKENS_PER_PARAM * 10)  # within a factor 10 of 20
@@ -61,8 +60,14 @@ class Family:
         if key not in self._runs:
             steps = self.s.budgets[j]
             self._runs[key] = self.lab.pretrain(
-                self.data, self.configs[i], seed=seed, max_steps=steps, batch_size=self.s.batch_size,
-                lr=self.s.lr, warmup_steps=max(1, steps // 10), eval_interval=steps,
+                self.data,
+                self.configs[i],
+                seed=seed,
+                max_steps=steps,
+                batch_size=self.s.batch_size,
+                lr=self.s.lr,
+                warmup_steps=max(1, steps // 10),
+                eval_interval=steps,
                 eval_batches=self.s.eval_batches,
             )
         return self._runs[key]
@@ -72,8 +77,12 @@ class Family:
 
     def points(self, budgets, seeds):
         """Arrays N, D, L and each point's (size, budget) cell, for these budgets and seeds."""
-        rows = [(self.N[i], self.D[j], self.loss(i, j, s), (i, j))
-                for j in budgets for i in range(len(self.N)) for s in seeds]
+        rows = [
+            (self.N[i], self.D[j], self.loss(i, j, s), (i, j))
+            for j in budgets
+            for i in range(len(self.N))
+            for s in seeds
+        ]
         N, D, L, cells = zip(*rows)
         return np.array(N, float), np.array(D, float), np.array(L, float), list(cells)
 
@@ -112,7 +121,12 @@ class Family:
             N, D, L, cells = self.points(range(len(self.D)), self.lab.seeds)
             c = self.c_ref
             self._cache["nd_boot"] = bootstrap_fit(
-                fit_chinchilla, N, D, L, strata=self.strata(cells), n_boot=self.s.n_boot,
+                fit_chinchilla,
+                N,
+                D,
+                L,
+                strata=self.strata(cells),
+                n_boot=self.s.n_boot,
                 derived=lambda f: {"tokens_per_param": compute_optimal(f, c).tokens_per_param},
             )
         return self._cache["nd_boot"]
@@ -134,8 +148,11 @@ def _interval_rows(boot, names, seeds_values):
     rows = []
     for name in names:
         iv = boot.intervals[name]
-        row = {"parameter": name, "pooled fit": f"{iv.estimate:.4g}",
-               f"{iv.confidence:.0%} bootstrap interval": f"[{iv.low:.4g}, {iv.high:.4g}]"}
+        row = {
+            "parameter": name,
+            "pooled fit": f"{iv.estimate:.4g}",
+            f"{iv.confidence:.0%} bootstrap interval": f"[{iv.low:.4g}, {iv.high:.4g}]",
+        }
         for seed, v in seeds_values.get(name, {}).items():
             row[f"seed {seed}"] = f"{v:.4g}"
         rows.append(row)
@@ -143,19 +160,24 @@ def _interval_rows(boot, names, seeds_values):
 
 
 def _boot_note(outcome, boot, what):
-    outcome.note(f"{what}: {boot.n_boot - boot.n_failed} of {boot.n_boot} bootstrap resamples fitted"
-                 + (f" ({boot.n_failed} refused, e.g. {boot.failures[0]!r})" if boot.n_failed else "") + ".")
+    outcome.note(
+        f"{what}: {boot.n_boot - boot.n_failed} of {boot.n_boot} bootstrap resamples fitted"
+        + (f" ({boot.n_failed} refused, e.g. {boot.failures[0]!r})" if boot.n_failed else "")
+        + "."
+    )
 
 
 @prediction(
     "Validation loss falls with model size: every larger model of the family beats the next smaller one "
     "at the same token budget",
-    metric="min_gain_per_size_step", expect=greater_than(0.0),
+    metric="min_gain_per_size_step",
+    expect=greater_than(0.0),
 )
 @prediction(
     "The exponent of L(N) = E + A N^-alpha lies in [0.1, 1.0] (Chinchilla's alpha with an irreducible term is 0.34; "
     "Kaplan's 0.076 has none; tiny char models may differ)",
-    metric="alpha", expect=between(*ALPHA_PRIOR),
+    metric="alpha",
+    expect=between(*ALPHA_PRIOR),
 )
 def test_loss_vs_params_power_law(lab, family, outcome):
     """L(N): validation loss against non-embedding parameters at one token budget.
@@ -176,27 +198,41 @@ def test_loss_vs_params_power_law(lab, family, outcome):
     for seed in lab.seeds:
         losses = [f.loss(i, j, seed) for i in range(len(f.N))]
         fit = f.n_fit(seed)
-        outcome.record("min_gain_per_size_step", min(a - b for a, b in zip(losses, losses[1:])), seed=seed,
-                       unit="nats/char")
+        outcome.record(
+            "min_gain_per_size_step", min(a - b for a, b in zip(losses, losses[1:])), seed=seed, unit="nats/char"
+        )
         outcome.record("alpha", fit.alpha, seed=seed)
         outcome.record("E", fit.E, seed=seed, unit="nats/char")
         outcome.record("fit_rmse", fit.rmse, seed=seed, unit="nats/char")
         for name, v in fit.params().items():
             per_seed.setdefault(name, {})[seed] = v
         if fit.at_bound:
-            outcome.note(f"seed {seed}: alpha = {fit.alpha:.3g} sits at the edge of the search range; "
-                         "the five points barely constrain it.")
+            outcome.note(
+                f"seed {seed}: alpha = {fit.alpha:.3g} sits at the edge of the search range; "
+                "the five points barely constrain it."
+            )
     for i, n in enumerate(f.N):
         outcome.record(f"N_{_label(f.s.sizes[i]).replace(' ', '_')}", n, unit="parameters")
     outcome.record("tokens_per_run", f.D[j], unit="tokens")
     boot = f.n_boot()
-    outcome.table("fit", _interval_rows(boot, ("E", "A", "alpha"), per_seed),
-                  caption=f"L(N) = E + A N^-alpha at D = {f.D[j]:,} tokens: pooled fit, bootstrap interval, per-seed fits")
-    outcome.table("losses", [
-        {"size": _label(m), "N (non-embedding)": f.N[i], "tokens per parameter": round(f.D[j] / f.N[i], 2),
-         **{f"val loss seed {s}": round(f.loss(i, j, s), 4) for s in lab.seeds}}
-        for i, m in enumerate(f.s.sizes)
-    ], caption="Final validation loss (nats/char) per size and seed")
+    outcome.table(
+        "fit",
+        _interval_rows(boot, ("E", "A", "alpha"), per_seed),
+        caption=f"L(N) = E + A N^-alpha at D = {f.D[j]:,} tokens: pooled fit, bootstrap interval, per-seed fits",
+    )
+    outcome.table(
+        "losses",
+        [
+            {
+                "size": _label(m),
+                "N (non-embedding)": f.N[i],
+                "tokens per parameter": round(f.D[j] / f.N[i], 2),
+                **{f"val loss seed {s}": round(f.loss(i, j, s), 4) for s in lab.seeds},
+            }
+            for i, m in enumerate(f.s.sizes)
+        ],
+        caption="Final validation loss (nats/char) per size and seed",
+    )
     _boot_note(outcome, boot, "L(N)")
     outcome.note(f"Pooled fit: {boot.fit.describe()} (RMSE {boot.fit.rmse:.4f} nats/char).")
 
@@ -210,8 +246,7 @@ def test_loss_vs_params_power_law(lab, family, outcome):
     axes[0].plot(grid, fit.predict(grid), color="k", linewidth=1.2, label=fit.describe())
     if fit.E > 0.05:  # a floor at (or near) zero would stretch the log axis over decades
         axes[0].axhline(fit.E, color="grey", linestyle="--", linewidth=1, label=f"E = {fit.E:.3f}")
-    axes[1].plot(grid, fit.A * grid ** -fit.alpha, color="k", linewidth=1.2,
-                 label=f"A N^-alpha, alpha = {fit.alpha:.3f}")
+    axes[1].plot(grid, fit.A * grid**-fit.alpha, color="k", linewidth=1.2, label=f"A N^-alpha, alpha = {fit.alpha:.3f}")
     for ax, ylabel in zip(axes, ("val loss (nats/char)", "val loss - E (nats/char)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -227,11 +262,13 @@ def test_loss_vs_params_power_law(lab, family, outcome):
 
 @prediction(
     "The N exponent of L(N, D) = E + A N^-alpha + B D^-beta lies in [0.1, 1.0] (Chinchilla: 0.34)",
-    metric="alpha_nd", expect=between(*ALPHA_PRIOR),
+    metric="alpha_nd",
+    expect=between(*ALPHA_PRIOR),
 )
 @prediction(
     "The D exponent of L(N, D) lies in [0.1, 1.0] (Chinchilla: 0.28)",
-    metric="beta", expect=between(*BETA_PRIOR),
+    metric="beta",
+    expect=between(*BETA_PRIOR),
 )
 def test_loss_vs_params_and_data(lab, family, outcome):
     """L(N, D): validation loss against parameters and training tokens (Chinchilla's form).
@@ -254,22 +291,40 @@ def test_loss_vs_params_and_data(lab, family, outcome):
         outcome.record("beta", fit.beta, seed=seed)
         outcome.record("E_nd", fit.E, seed=seed, unit="nats/char")
         outcome.record("fit_rmse_nd", fit.rmse, seed=seed, unit="nats/char")
-        outcome.record("min_gain_most_vs_least_data",
-                       min(f.loss(i, 0, seed) - f.loss(i, len(f.D) - 1, seed) for i in range(len(f.N))),
-                       seed=seed, unit="nats/char")
+        outcome.record(
+            "min_gain_most_vs_least_data",
+            min(f.loss(i, 0, seed) - f.loss(i, len(f.D) - 1, seed) for i in range(len(f.N))),
+            seed=seed,
+            unit="nats/char",
+        )
         for name, v in fit.params().items():
             per_seed.setdefault(name, {})[seed] = v
         if fit.at_bound:
-            outcome.note(f"seed {seed}: an exponent sits at the edge of the search range "
-                         f"(alpha {fit.alpha:.3g}, beta {fit.beta:.3g}).")
+            outcome.note(
+                f"seed {seed}: an exponent sits at the edge of the search range "
+                f"(alpha {fit.alpha:.3g}, beta {fit.beta:.3g})."
+            )
     boot = f.nd_boot()
-    outcome.table("fit", _interval_rows(boot, ("E", "A", "alpha", "B", "beta"), per_seed),
-                  caption="L(N, D) = E + A N^-alpha + B D^-beta: pooled fit, bootstrap interval, per-seed fits")
-    outcome.table("losses", [
-        {"size": _label(m), "N": f.N[i],
-         **{f"D={d:,}": round(float(np.mean([f.loss(i, j, s) for s in lab.seeds])), 4) for j, d in enumerate(f.D)}}
-        for i, m in enumerate(f.s.sizes)
-    ], caption="Final validation loss (nats/char), mean over seeds, per size and token budget")
+    outcome.table(
+        "fit",
+        _interval_rows(boot, ("E", "A", "alpha", "B", "beta"), per_seed),
+        caption="L(N, D) = E + A N^-alpha + B D^-beta: pooled fit, bootstrap interval, per-seed fits",
+    )
+    outcome.table(
+        "losses",
+        [
+            {
+                "size": _label(m),
+                "N": f.N[i],
+                **{
+                    f"D={d:,}": round(float(np.mean([f.loss(i, j, s) for s in lab.seeds])), 4)
+                    for j, d in enumerate(f.D)
+                },
+            }
+            for i, m in enumerate(f.s.sizes)
+        ],
+        caption="Final validation loss (nats/char), mean over seeds, per size and token budget",
+    )
     _boot_note(outcome, boot, "L(N, D)")
     outcome.note(f"Pooled fit: {boot.fit.describe()} (RMSE {boot.fit.rmse:.4f} nats/char).")
 
@@ -301,7 +356,8 @@ def test_loss_vs_params_and_data(lab, family, outcome):
 @prediction(
     "The compute-optimal tokens per parameter implied by the L(N, D) fit, at the middle of the measured compute "
     "range, is within a factor 10 of Chinchilla's 20 (between 2 and 200)",
-    metric="log10_tokens_per_param", expect=between(math.log10(RATIO_PRIOR[0]), math.log10(RATIO_PRIOR[1])),
+    metric="log10_tokens_per_param",
+    expect=between(math.log10(RATIO_PRIOR[0]), math.log10(RATIO_PRIOR[1])),
 )
 def test_compute_optimal_tokens_per_param(lab, family, outcome):
     """Compute-optimal tokens per parameter from L(N, D), against Chinchilla's ~20.
@@ -333,22 +389,48 @@ def test_compute_optimal_tokens_per_param(lab, family, outcome):
         outcome.record("N_opt", opt.N_opt, seed=seed, unit="parameters")
         outcome.record("D_opt", opt.D_opt, seed=seed, unit="tokens")
         curves[f"seed {seed}"] = (c_grid, compute_optimal(fit, c_grid).tokens_per_param)
-        rows.append({"fit": f"seed {seed}", "alpha": round(fit.alpha, 4), "beta": round(fit.beta, 4),
-                     "N_opt": f"{opt.N_opt:.3g}", "D_opt": f"{opt.D_opt:.3g}",
-                     "tokens per parameter": f"{opt.tokens_per_param:.3g}"})
+        rows.append(
+            {
+                "fit": f"seed {seed}",
+                "alpha": round(fit.alpha, 4),
+                "beta": round(fit.beta, 4),
+                "N_opt": f"{opt.N_opt:.3g}",
+                "D_opt": f"{opt.D_opt:.3g}",
+                "tokens per parameter": f"{opt.tokens_per_param:.3g}",
+            }
+        )
     boot = f.nd_boot()
     pooled = compute_optimal(boot.fit, c)
     iv = boot.intervals["tokens_per_param"]
-    rows.append({"fit": "pooled", "alpha": round(boot.fit.alpha, 4), "beta": round(boot.fit.beta, 4),
-                 "N_opt": f"{pooled.N_opt:.3g}", "D_opt": f"{pooled.D_opt:.3g}",
-                 "tokens per parameter": f"{iv.estimate:.3g} [{iv.low:.3g}, {iv.high:.3g}]"})
+    rows.append(
+        {
+            "fit": "pooled",
+            "alpha": round(boot.fit.alpha, 4),
+            "beta": round(boot.fit.beta, 4),
+            "N_opt": f"{pooled.N_opt:.3g}",
+            "D_opt": f"{pooled.D_opt:.3g}",
+            "tokens per parameter": f"{iv.estimate:.3g} [{iv.low:.3g}, {iv.high:.3g}]",
+        }
+    )
     curves["pooled fit"] = (c_grid, compute_optimal(boot.fit, c_grid).tokens_per_param)
-    outcome.table("compute_optimal", rows,
-                  caption=f"Compute-optimal split at C_ref = {c:.3g} FLOPs (pooled: {iv.confidence:.0%} bootstrap interval)")
-    outcome.plot_lines("tokens_per_param_vs_compute", curves, xlabel="compute C = 6 N D (FLOPs)",
-                       ylabel="compute-optimal D / N", title="Compute-optimal tokens per parameter over the measured range",
-                       logx=True, logy=True, hlines={"Chinchilla ~20": CHINCHILLA_TOKENS_PER_PARAM})
+    outcome.table(
+        "compute_optimal",
+        rows,
+        caption=f"Compute-optimal split at C_ref = {c:.3g} FLOPs (pooled: {iv.confidence:.0%} bootstrap interval)",
+    )
+    outcome.plot_lines(
+        "tokens_per_param_vs_compute",
+        curves,
+        xlabel="compute C = 6 N D (FLOPs)",
+        ylabel="compute-optimal D / N",
+        title="Compute-optimal tokens per parameter over the measured range",
+        logx=True,
+        logy=True,
+        hlines={"Chinchilla ~20": CHINCHILLA_TOKENS_PER_PARAM},
+    )
     _boot_note(outcome, boot, "L(N, D)")
     trained = {_label(m): round(f.D[-1] / n, 2) for m, n in zip(f.s.sizes, f.N)}
-    outcome.note(f"Tokens per parameter the family actually trained at the largest budget: {trained}. "
-                 "Tokens here are characters, each carrying far less information than a BPE token.")
+    outcome.note(
+        f"Tokens per parameter the family actually trained at the largest budget: {trained}. "
+        "Tokens here are characters, each carrying far less information than a BPE token."
+    )

@@ -45,13 +45,24 @@ class QuantBench:
 
     def loss(self, model) -> float:
         """Mean val loss (nats/char) over the profile's fixed batches (generator seed 1234)."""
-        return evaluate(model, self.data.val, block_size=model.config.block_size, batch_size=self.s.eval_batch_size,
-                        n_batches=self.s.eval_batches, device=self.lab.device)
+        return evaluate(
+            model,
+            self.data.val,
+            block_size=model.config.block_size,
+            batch_size=self.s.eval_batch_size,
+            n_batches=self.s.eval_batches,
+            device=self.lab.device,
+        )
 
     def hf_loss(self, hf_model) -> float:
         """The same batches through a Hugging Face model."""
-        return hf_loss(hf_model, self.data.val, block_size=self.block_size, batch_size=self.s.eval_batch_size,
-                       n_batches=self.s.eval_batches)
+        return hf_loss(
+            hf_model,
+            self.data.val,
+            block_size=self.block_size,
+            batch_size=self.s.eval_batch_size,
+            n_batches=self.s.eval_batches,
+        )
 
     def rtn(self, seed, bits):
         """(val loss, QuantReport or None) of the seed's model, bits=None for float32."""
@@ -82,19 +93,23 @@ def bench(lab, char_data, llama_runs):
 
 @prediction(
     "int8 round-to-nearest per-channel weights cost at most 0.01 nats/char of val loss",
-    metric="rtn_int8_delta", expect=at_most(0.01),
+    metric="rtn_int8_delta",
+    expect=at_most(0.01),
 )
 @prediction(
     "int4 round-to-nearest per-channel weights cost a measurable amount: at least 0.01 nats/char",
-    metric="rtn_int4_delta", expect=at_least(0.01),
+    metric="rtn_int4_delta",
+    expect=at_least(0.01),
 )
 @prediction(
     "int3 costs more than int4 (the loss rises as bits fall)",
-    metric="rtn_int3_delta", expect=greater_than("rtn_int4_delta"),
+    metric="rtn_int3_delta",
+    expect=greater_than("rtn_int4_delta"),
 )
 @prediction(
     "2-bit (ternary) round-to-nearest weights are catastrophic: val loss rises by at least 0.5 nats/char",
-    metric="rtn_int2_delta", expect=at_least(0.5),
+    metric="rtn_int2_delta",
+    expect=at_least(0.5),
 )
 def test_rtn_loss_vs_bits(lab, bench, outcome):
     """Post-training round-to-nearest quantization: val-loss increase vs bits.
@@ -123,30 +138,55 @@ def test_rtn_loss_vs_bits(lab, bench, outcome):
 
     bits_axis = [32, *RTN_BITS]
     curves = {f"seed {s}": (bits_axis, [bench.rtn(s, None)[0]] + [by_bits[s][b] for b in RTN_BITS]) for s in lab.seeds}
-    outcome.plot_lines("loss_vs_bits", curves, xlabel="bits per weight (32 = float32)", ylabel="val loss (nats/char)",
-                       title="Round-to-nearest per-channel quantization", logx=True, logy=True)
+    outcome.plot_lines(
+        "loss_vs_bits",
+        curves,
+        xlabel="bits per weight (32 = float32)",
+        ylabel="val loss (nats/char)",
+        title="Round-to-nearest per-channel quantization",
+        logx=True,
+        logy=True,
+    )
     byte_axis = [float_bytes] + [bytes_by_bits[b] for b in RTN_BITS]
     curves = {f"seed {s}": (byte_axis, [bench.rtn(s, None)[0]] + [by_bits[s][b] for b in RTN_BITS]) for s in lab.seeds}
-    outcome.plot_lines("loss_vs_bytes", curves, xlabel="bytes of the block weight matrices", ylabel="val loss (nats/char)",
-                       title="Loss vs weight bytes: float32, int8, int4, int3, 2-bit", logx=True, logy=True)
-    outcome.table("rtn", [
-        {"bits": b, "weight bytes": bytes_by_bits[b], "compression vs fp32": round(float_bytes / bytes_by_bits[b], 2),
-         **{f"Δ loss seed {s}": round(by_bits[s][b] - bench.rtn(s, None)[0], 4) for s in lab.seeds}}
-        for b in RTN_BITS
-    ], caption="Round-to-nearest per-channel: bytes of the quantized matrices and val-loss increase (nats/char)")
+    outcome.plot_lines(
+        "loss_vs_bytes",
+        curves,
+        xlabel="bytes of the block weight matrices",
+        ylabel="val loss (nats/char)",
+        title="Loss vs weight bytes: float32, int8, int4, int3, 2-bit",
+        logx=True,
+        logy=True,
+    )
+    outcome.table(
+        "rtn",
+        [
+            {
+                "bits": b,
+                "weight bytes": bytes_by_bits[b],
+                "compression vs fp32": round(float_bytes / bytes_by_bits[b], 2),
+                **{f"Δ loss seed {s}": round(by_bits[s][b] - bench.rtn(s, None)[0], 4) for s in lab.seeds},
+            }
+            for b in RTN_BITS
+        ],
+        caption="Round-to-nearest per-channel: bytes of the quantized matrices and val-loss increase (nats/char)",
+    )
 
 
 @prediction(
     "bitsandbytes LLM.int8 costs at most 0.01 nats/char of val loss",
-    metric="bnb_int8_delta", expect=at_most(0.01),
+    metric="bnb_int8_delta",
+    expect=at_most(0.01),
 )
 @prediction(
     "NF4 (4-bit NormalFloat, a scale per 64 weights) loses less than round-to-nearest int4 per channel",
-    metric="bnb_nf4_delta", expect=less_than("rtn_int4_delta"),
+    metric="bnb_nf4_delta",
+    expect=less_than("rtn_int4_delta"),
 )
 @prediction(
     "NF4 loses less than FP4 at the same 4 bits and block size (QLoRA's finding)",
-    metric="bnb_nf4_delta", expect=less_than("bnb_fp4_delta"),
+    metric="bnb_nf4_delta",
+    expect=less_than("bnb_fp4_delta"),
 )
 def test_bitsandbytes_vs_rtn(lab, bench, outcome):
     """bitsandbytes int8, NF4 and FP4 against round-to-nearest at the same bits.
@@ -194,19 +234,26 @@ def test_bitsandbytes_vs_rtn(lab, bench, outcome):
         "RTN per channel (int8, int4)": ([bpw["rtn8"], bpw["rtn4"]], [mean(deltas["rtn8"]), mean(deltas["rtn4"])]),
         **{BNB_LABELS[m]: ([bpw[m]], [mean(deltas[m])]) for m in BNB_METHODS},
     }
-    outcome.plot_lines("delta_vs_bits_per_weight", points, xlabel="stored bits per weight (codes + scales)",
-                       ylabel="val-loss increase (nats/char), mean over seeds",
-                       title="bitsandbytes vs round-to-nearest", hlines={"float32": 0.0})
+    outcome.plot_lines(
+        "delta_vs_bits_per_weight",
+        points,
+        xlabel="stored bits per weight (codes + scales)",
+        ylabel="val-loss increase (nats/char), mean over seeds",
+        title="bitsandbytes vs round-to-nearest",
+        hlines={"float32": 0.0},
+    )
 
 
 @prediction(
     "Fine-tuning through fake int4 weights (QAT) closes at least 30% of the int4 quantization gap "
     "left after the same amount of plain fine-tuning",
-    metric="gap_closed", expect=at_least(0.3),
+    metric="gap_closed",
+    expect=at_least(0.3),
 )
 @prediction(
     "The QAT int4 model beats plain fine-tuning for the same steps followed by RTN int4",
-    metric="qat_int4_loss", expect=less_than("control_int4_loss"),
+    metric="qat_int4_loss",
+    expect=less_than("control_int4_loss"),
 )
 def test_qat_recovers_int4_loss(lab, bench, char_data, outcome):
     """Quantization-aware training: fine-tune through fake-quantized int4 weights.
@@ -230,8 +277,14 @@ def test_qat_recovers_int4_loss(lab, bench, char_data, outcome):
         model = bench.model(seed)
         base, _ = bench.rtn(seed, None)
         base_q, _ = bench.rtn(seed, QAT_BITS)
-        kw = dict(steps=s.qat_steps, lr=s.qat_lr, batch_size=s.qat_batch_size, block_size=bench.block_size,
-                  seed=seed, warmup_steps=s.qat_warmup_steps)
+        kw = dict(
+            steps=s.qat_steps,
+            lr=s.qat_lr,
+            batch_size=s.qat_batch_size,
+            block_size=bench.block_size,
+            seed=seed,
+            warmup_steps=s.qat_warmup_steps,
+        )
         h_qat, h_ctl = [], []
         qat = qat_finetune(model, char_data.train, QAT_BITS, history=h_qat, **kw)
         control = qat_finetune(model, char_data.train, None, history=h_ctl, **kw)
@@ -244,14 +297,29 @@ def test_qat_recovers_int4_loss(lab, bench, char_data, outcome):
         outcome.record("control_int4_gap", l_ctl_q - l_ctl, seed=seed, unit="nats/char")
         outcome.record("gap_closed", (l_ctl_q - l_qat) / (l_ctl_q - l_ctl), seed=seed)
         outcome.record("naive_recovery", (base_q - l_qat) / (base_q - base), seed=seed)
-        rows.append({"seed": seed, "base fp32": round(base, 4), "base RTN int4": round(base_q, 4),
-                     "control fp32": round(l_ctl, 4), "control RTN int4": round(l_ctl_q, 4), "QAT int4": round(l_qat, 4)})
+        rows.append(
+            {
+                "seed": seed,
+                "base fp32": round(base, 4),
+                "base RTN int4": round(base_q, 4),
+                "control fp32": round(l_ctl, 4),
+                "control RTN int4": round(l_ctl_q, 4),
+                "QAT int4": round(l_qat, 4),
+            }
+        )
         if seed == lab.seeds[0]:
             for label, h in (("QAT (fake int4)", h_qat), ("plain fine-tuning", h_ctl)):
                 curves[label] = ([r["step"] for r in h], [r["loss"] for r in h])
         if l_ctl_q - l_ctl < 0.005:
-            outcome.note(f"seed {seed}: the control's int4 gap is only {l_ctl_q - l_ctl:.4f} nats/char, "
-                         "so gap_closed divides by little more than evaluation noise.")
+            outcome.note(
+                f"seed {seed}: the control's int4 gap is only {l_ctl_q - l_ctl:.4f} nats/char, "
+                "so gap_closed divides by little more than evaluation noise."
+            )
     outcome.table("losses", rows, caption=f"Val loss (nats/char) after {s.qat_steps} fine-tuning steps")
-    outcome.plot_lines("qat_curves", curves, xlabel="fine-tuning step", ylabel="training loss (nats/char)",
-                       title=f"QAT vs plain fine-tuning, first seed ({s.qat_steps} steps)")
+    outcome.plot_lines(
+        "qat_curves",
+        curves,
+        xlabel="fine-tuning step",
+        ylabel="training loss (nats/char)",
+        title=f"QAT vs plain fine-tuning, first seed ({s.qat_steps} steps)",
+    )

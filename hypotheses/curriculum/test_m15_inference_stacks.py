@@ -18,8 +18,6 @@ pytestmark = [pytest.mark.curriculum, pytest.mark.m15_inference_stacks]
 OTHERS = tuple(n for n in STACK_NAMES if n != "lab")  # compared against the lab's tokens
 
 
-
-
 def _scale(lab):
     return lab.profile.inference_stacks
 
@@ -49,8 +47,10 @@ class StacksBench:
         model = copy.deepcopy(decode_model(lab.profile.inference.llama.n_head)).to(lab.device).eval()
         need = _max_len(self.s)
         if need > model.config.block_size:
-            raise ValueError(f"the decode model's context ({model.config.block_size}) is shorter than the "
-                             f"longest request ({need}): lower InferenceStacksScale.prompt_lens / new_tokens")
+            raise ValueError(
+                f"the decode model's context ({model.config.block_size}) is shorter than the "
+                f"longest request ({need}): lower InferenceStacksScale.prompt_lens / new_tokens"
+            )
         self.stacks = build_stacks(model, max_len=need, compile_backend=self.s.compile_backend)
         self.prompt = random_prompt(max(self.s.prompt_lens), model.config.vocab_size, seed=0)
 
@@ -139,7 +139,9 @@ def test_decode_benchmark(lab, bench, benchmark, outcome, stack):
     st, n = bench.stack(stack), bench.s.new_tokens
     benchmark.group = bench.decode_group()
     calls = []
-    benchmark.pedantic(lambda: calls.append(st.decode(bench.short, n)), rounds=bench.s.rounds, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: calls.append(st.decode(bench.short, n)), rounds=bench.s.rounds, iterations=1, warmup_rounds=1
+    )
     runs = _warm_rounds(calls, bench.s.rounds)
     for rnd, r in enumerate(runs):
         outcome.record("tokens_per_s", r.tokens_per_s, seed=rnd, unit="tokens/s")
@@ -158,7 +160,8 @@ def test_decode_benchmark(lab, bench, benchmark, outcome, stack):
 
 @prediction(
     "{stack} produces exactly the lab model's greedy tokens on the same trained weights (no prompt differs)",
-    metric="mismatched_sequences", expect=at_most(0),
+    metric="mismatched_sequences",
+    expect=at_most(0),
 )
 @pytest.mark.parametrize("stack", OTHERS)
 def test_greedy_tokens_identical(lab, char_data, trained_stacks, outcome, stack):
@@ -177,7 +180,7 @@ def test_greedy_tokens_identical(lab, char_data, trained_stacks, outcome, stack)
     val = char_data.val
     g = np.random.default_rng(1234)
     starts = g.integers(0, len(val) - inf.prompt_len, size=s.agreement_prompts)
-    prompts = [torch.from_numpy(val[a:a + inf.prompt_len].astype(np.int64))[None] for a in starts]
+    prompts = [torch.from_numpy(val[a : a + inf.prompt_len].astype(np.int64))[None] for a in starts]
     rows, mismatched = [], 0
     for seed in lab.seeds:
         stacks = trained_stacks(seed)
@@ -189,8 +192,15 @@ def test_greedy_tokens_identical(lab, char_data, trained_stacks, outcome, stack)
         mismatched += cmp.sequences - cmp.identical
         ref = cmp.reference_tokens
         outcome.record("distinct_new_tokens", float(np.mean([len(set(t)) for t in ref])), seed=seed)
-        rows += [{"seed": seed, "prompt": i, "first mismatch": "none" if f is None else f,
-                  "lab text": char_data.tokenizer.decode(ref[i])[:40]} for i, f in enumerate(cmp.first_mismatch)]
+        rows += [
+            {
+                "seed": seed,
+                "prompt": i,
+                "first mismatch": "none" if f is None else f,
+                "lab text": char_data.tokenizer.decode(ref[i])[:40],
+            }
+            for i, f in enumerate(cmp.first_mismatch)
+        ]
     outcome.record("mismatched_sequences", mismatched)
     outcome.table("first_mismatch", rows, caption=f"{n_new} new tokens per prompt; first index where {stack} differs")
 
@@ -213,7 +223,8 @@ def _interleaved_tps(bench, names, rounds) -> dict[str, list[float]]:
 
 @prediction(
     "Without compile, Hugging Face's static cache decodes at least as fast as its dynamic cache",
-    metric="static_over_dynamic", expect=at_least(1.0),
+    metric="static_over_dynamic",
+    expect=at_least(1.0),
 )
 def test_static_vs_dynamic_cache(lab, bench, outcome):
     """HF static cache vs dynamic cache, both uncompiled, same weights.
@@ -236,11 +247,13 @@ def test_static_vs_dynamic_cache(lab, bench, outcome):
 
 @prediction(
     "torch.compile of the static-cache decode step decodes >= 1.2x faster than the same stack uncompiled, after warm-up",
-    metric="compiled_over_static", expect=at_least(1.2),
+    metric="compiled_over_static",
+    expect=at_least(1.2),
 )
 @prediction(
     "torch.compile (static cache) decodes >= 1.2x faster than eager Hugging Face generate with its dynamic cache",
-    metric="compiled_over_eager", expect=at_least(1.2),
+    metric="compiled_over_eager",
+    expect=at_least(1.2),
 )
 def test_compile_speedup(lab, bench, outcome):
     """What torch.compile buys at decode time, after its compile (warm-up excluded).
@@ -265,7 +278,8 @@ def test_compile_speedup(lab, bench, outcome):
 
 @prediction(
     "First-token latency of {stack} grows with prompt length (longest prompt slower than shortest)",
-    metric="ttft_growth", expect=greater_than(1.0),
+    metric="ttft_growth",
+    expect=greater_than(1.0),
 )
 @pytest.mark.parametrize("stack", STACK_NAMES)
 def test_first_token_grows_with_prompt(lab, bench, outcome, stack):
@@ -288,8 +302,14 @@ def test_first_token_grows_with_prompt(lab, bench, outcome, stack):
     for n in lengths:
         for rnd, v in enumerate(ms[n]):
             outcome.record(f"first_token_ms_{n}", v, seed=rnd, unit="ms")
-    outcome.plot_lines("ttft_vs_prompt", {stack: (list(lengths), [float(np.median(ms[n])) for n in lengths])},
-                       xlabel="prompt tokens", ylabel="first-token latency (ms, median over rounds)",
-                       logx=True, logy=True, title=f"Time to first token, {stack}")
+    outcome.plot_lines(
+        "ttft_vs_prompt",
+        {stack: (list(lengths), [float(np.median(ms[n])) for n in lengths])},
+        xlabel="prompt tokens",
+        ylabel="first-token latency (ms, median over rounds)",
+        logx=True,
+        logy=True,
+        title=f"Time to first token, {stack}",
+    )
     for n in lengths:
         outcome.cite_benchmark(bench.ttft_group(n))

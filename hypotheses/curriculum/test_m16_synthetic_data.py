@@ -3,7 +3,6 @@ several generations, and watch what happens to its loss on real text and to the 
 of what it writes (model collapse, Shumailov et al. 2024); then keep half of every
 generation's training text real and see whether that halts the drift."""
 
-
 import matplotlib.pyplot as plt
 import pytest
 
@@ -47,19 +46,44 @@ class CollapseBench:
 
         def evaluate_real(model):
             model = model.to(lab.device)
-            return evaluate(model, char_data.val, block_size=s.model.block_size, batch_size=s.eval_batch_size,
-                            n_batches=s.eval_batches, device=lab.device)
+            return evaluate(
+                model,
+                char_data.val,
+                block_size=s.model.block_size,
+                batch_size=s.eval_batch_size,
+                n_batches=s.eval_batches,
+                device=lab.device,
+            )
 
         self.chains = {}
         for seed in lab.seeds:
-            def train(data, generation, seed=seed):
-                return lab.pretrain(data, self.config, seed=seed, max_steps=s.steps, batch_size=s.batch_size, lr=s.lr,
-                                    warmup_steps=s.warmup_steps, eval_interval=s.steps,
-                                    eval_batches=s.train_eval_batches).model
 
-            kw = dict(real_text=self.real_text, tokenizer=tok, train=train, evaluate=evaluate_real,
-                      generations=s.generations, n_chars=s.n_chars, temperature=TEMPERATURE, seed=seed,
-                      sample_chars=s.sample_chars, val_fraction=s.val_fraction, n_streams=s.n_streams)
+            def train(data, generation, seed=seed):
+                return lab.pretrain(
+                    data,
+                    self.config,
+                    seed=seed,
+                    max_steps=s.steps,
+                    batch_size=s.batch_size,
+                    lr=s.lr,
+                    warmup_steps=s.warmup_steps,
+                    eval_interval=s.steps,
+                    eval_batches=s.train_eval_batches,
+                ).model
+
+            kw = dict(
+                real_text=self.real_text,
+                tokenizer=tok,
+                train=train,
+                evaluate=evaluate_real,
+                generations=s.generations,
+                n_chars=s.n_chars,
+                temperature=TEMPERATURE,
+                seed=seed,
+                sample_chars=s.sample_chars,
+                val_fraction=s.val_fraction,
+                n_streams=s.n_streams,
+            )
             syn = collapse_chain(real_fraction=0.0, **kw)
             mixed = collapse_chain(real_fraction=REAL_FRACTION, first=syn[0], **kw)
             self.chains[seed] = {"synthetic": syn, "mixed": mixed}
@@ -88,20 +112,29 @@ def bench(lab, char_data):
 
 def _loss_plot(outcome, bench, name, title):
     gens = list(range(bench.s.generations))
-    lines = {f"{LABELS[c]} (mean over seeds)":
-             (gens, bench.mean_over_seeds(lambda seed, c=c: bench.losses(seed, c))) for c in CONDITIONS}
-    outcome.plot_lines(name, lines, xlabel="generation (0 = trained on real text)",
-                       ylabel="val loss on real tiny Shakespeare (nats/char)", title=title)
+    lines = {
+        f"{LABELS[c]} (mean over seeds)": (gens, bench.mean_over_seeds(lambda seed, c=c: bench.losses(seed, c)))
+        for c in CONDITIONS
+    }
+    outcome.plot_lines(
+        name,
+        lines,
+        xlabel="generation (0 = trained on real text)",
+        ylabel="val loss on real tiny Shakespeare (nats/char)",
+        title=title,
+    )
 
 
 @prediction(
     "Real-text val loss rises with every synthetic-only generation: the smallest generation-to-generation "
     "rise is above 0",
-    metric="synthetic_min_rise", expect=greater_than(0.0),
+    metric="synthetic_min_rise",
+    expect=greater_than(0.0),
 )
 @prediction(
     "It degrades quickly: at least 0.03 nats/char per synthetic generation on average",
-    metric="synthetic_rise_per_generation", expect=at_least(0.03),
+    metric="synthetic_rise_per_generation",
+    expect=at_least(0.03),
 )
 def test_real_loss_rises_over_synthetic_generations(lab, bench, outcome):
     """Model collapse: real-text loss over generations trained on the previous model's text.
@@ -124,28 +157,40 @@ def test_real_loss_rises_over_synthetic_generations(lab, bench, outcome):
             outcome.record(f"synthetic_gen{k}_val_loss", loss, seed=seed, unit="nats/char")
         rises = [b - a for a, b in zip(losses, losses[1:])]
         outcome.record("synthetic_min_rise", min(rises), seed=seed, unit="nats/char")
-        outcome.record("synthetic_rise_per_generation", (losses[-1] - losses[0]) / (len(losses) - 1), seed=seed,
-                       unit="nats/char per generation")
+        outcome.record(
+            "synthetic_rise_per_generation",
+            (losses[-1] - losses[0]) / (len(losses) - 1),
+            seed=seed,
+            unit="nats/char per generation",
+        )
         rows.append({"seed": seed, **{f"gen {k}": round(v, 4) for k, v in enumerate(losses)}})
     _loss_plot(outcome, bench, "real_val_loss_vs_generation", "Real-text val loss over generations")
-    outcome.table("synthetic_losses", rows,
-                  caption=f"Synthetic-only chain: val loss on real text (nats/char); {s.n_chars:,} training "
-                          f"characters and {s.steps} steps per generation")
-    outcome.note("Sources: " + "; ".join(f"gen {g.generation}: {g.source}" for g in bench.chains[lab.seeds[0]]["synthetic"]))
+    outcome.table(
+        "synthetic_losses",
+        rows,
+        caption=f"Synthetic-only chain: val loss on real text (nats/char); {s.n_chars:,} training "
+        f"characters and {s.steps} steps per generation",
+    )
+    outcome.note(
+        "Sources: " + "; ".join(f"gen {g.generation}: {g.source}" for g in bench.chains[lab.seeds[0]]["synthetic"])
+    )
 
 
 @prediction(
     "At temperature 1 an underfit model's samples are noisier than its training text, and the noise compounds: "
     "character distinct-4 of the last synthetic generation's sample is higher than gen 0's",
-    metric="synthetic_distinct4_change", expect=greater_than(0.0),
+    metric="synthetic_distinct4_change",
+    expect=greater_than(0.0),
 )
 @prediction(
     "The tails go: the last synthetic generation's sample contains fewer of a real text's word types than gen 0's",
-    metric="synthetic_word_coverage_change", expect=less_than(0.0),
+    metric="synthetic_word_coverage_change",
+    expect=less_than(0.0),
 )
 @prediction(
     "Fewer of the sampled words are real Shakespeare words at the last synthetic generation than at gen 0",
-    metric="synthetic_real_word_fraction_change", expect=less_than(0.0),
+    metric="synthetic_real_word_fraction_change",
+    expect=less_than(0.0),
 )
 def test_diversity_over_synthetic_generations(lab, bench, outcome):
     """Diversity of what each generation writes.
@@ -177,8 +222,12 @@ def test_diversity_over_synthetic_generations(lab, bench, outcome):
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (metric, label) in zip(axes.flat, DIVERSITY.items()):
         for cond in CONDITIONS:
-            ax.plot(gens, bench.mean_over_seeds(lambda seed, c=cond: [m[metric] for m in bench.div(seed, c)]),
-                    marker="o", label=LABELS[cond])
+            ax.plot(
+                gens,
+                bench.mean_over_seeds(lambda seed, c=cond: [m[metric] for m in bench.div(seed, c)]),
+                marker="o",
+                label=LABELS[cond],
+            )
         ax.axhline(bench.real_metrics[metric], color="gray", linestyle="--", label="real text")
         ax.set_xlabel("generation")
         ax.set_ylabel(label)
@@ -188,37 +237,54 @@ def test_diversity_over_synthetic_generations(lab, bench, outcome):
     outcome.plot("diversity_vs_generation", fig)
 
     seed = lab.seeds[0]
-    rows = [{"generation": "real", "condition": "real text", "val loss": "",
-             "distinct-4": round(bench.real_metrics["distinct4"], 3),
-             "real words": round(bench.real_metrics["real_word_fraction"], 3),
-             "text": bench.real_sample[:160].replace("\n", " / ")}]
+    rows = [
+        {
+            "generation": "real",
+            "condition": "real text",
+            "val loss": "",
+            "distinct-4": round(bench.real_metrics["distinct4"], 3),
+            "real words": round(bench.real_metrics["real_word_fraction"], 3),
+            "text": bench.real_sample[:160].replace("\n", " / "),
+        }
+    ]
     for cond in CONDITIONS:
         for g, m in zip(bench.chains[seed][cond], bench.div(seed, cond)):
             if g.generation == 0 and cond == "mixed":
                 continue
-            rows.append({"generation": g.generation, "condition": LABELS[cond] if g.generation else "real text (gen 0)",
-                         "val loss": round(g.real_val_loss, 4), "distinct-4": round(m["distinct4"], 3),
-                         "real words": round(m["real_word_fraction"], 3),
-                         "text": g.sample[:160].replace("\n", " / ")})
-    outcome.table("samples", rows, caption=f"The first 160 characters each generation wrote (seed {seed}; "
-                                           "' / ' marks a newline)")
+            rows.append(
+                {
+                    "generation": g.generation,
+                    "condition": LABELS[cond] if g.generation else "real text (gen 0)",
+                    "val loss": round(g.real_val_loss, 4),
+                    "distinct-4": round(m["distinct4"], 3),
+                    "real words": round(m["real_word_fraction"], 3),
+                    "text": g.sample[:160].replace("\n", " / "),
+                }
+            )
+    outcome.table(
+        "samples", rows, caption=f"The first 160 characters each generation wrote (seed {seed}; ' / ' marks a newline)"
+    )
 
 
 @prediction(
     "The mixed chain ends with lower real-text val loss than the synthetic-only chain",
-    metric="mixed_last_val_loss", expect=less_than("synthetic_last_val_loss"),
+    metric="mixed_last_val_loss",
+    expect=less_than("synthetic_last_val_loss"),
 )
 @prediction(
     "Mixing halts the drift: the last mixed generation's real-text val loss is within 0.1 nats/char of gen 0's",
-    metric="mixed_last_minus_gen0", expect=at_most(0.1),
+    metric="mixed_last_minus_gen0",
+    expect=at_most(0.1),
 )
 @prediction(
     "The mixed chain levels off: its last generation-to-generation rise is smaller than the synthetic chain's",
-    metric="mixed_last_step_rise", expect=less_than("synthetic_last_step_rise"),
+    metric="mixed_last_step_rise",
+    expect=less_than("synthetic_last_step_rise"),
 )
 @prediction(
     "More of the mixed chain's last sample is real words than of the synthetic chain's last sample",
-    metric="mixed_last_real_word_fraction", expect=greater_than("synthetic_last_real_word_fraction"),
+    metric="mixed_last_real_word_fraction",
+    expect=greater_than("synthetic_last_real_word_fraction"),
 )
 def test_mixing_real_data_halts_collapse(lab, bench, outcome):
     """Keeping half of every generation's training text real.
@@ -243,10 +309,15 @@ def test_mixing_real_data_halts_collapse(lab, bench, outcome):
             outcome.record(f"{cond}_last_val_loss", losses[-1], seed=seed, unit="nats/char")
             outcome.record(f"{cond}_last_minus_gen0", losses[-1] - losses[0], seed=seed, unit="nats/char")
             outcome.record(f"{cond}_last_step_rise", losses[-1] - losses[-2], seed=seed, unit="nats/char")
-            outcome.record(f"{cond}_last_real_word_fraction", bench.div(seed, cond)[-1]["real_word_fraction"], seed=seed)
+            outcome.record(
+                f"{cond}_last_real_word_fraction", bench.div(seed, cond)[-1]["real_word_fraction"], seed=seed
+            )
         for cond, losses in (("synthetic", syn), ("mixed", mixed)):
-            rows.append({"seed": seed, "condition": LABELS[cond],
-                         **{f"gen {k}": round(v, 4) for k, v in enumerate(losses)}})
+            rows.append(
+                {"seed": seed, "condition": LABELS[cond], **{f"gen {k}": round(v, 4) for k, v in enumerate(losses)}}
+            )
     _loss_plot(outcome, bench, "real_val_loss_mixed_vs_synthetic", "Mixing real data into every generation")
     outcome.table("losses", rows, caption="Val loss on real text (nats/char) per generation")
-    outcome.note("Mixed sources: " + "; ".join(f"gen {g.generation}: {g.source}" for g in bench.chains[lab.seeds[0]]["mixed"]))
+    outcome.note(
+        "Mixed sources: " + "; ".join(f"gen {g.generation}: {g.source}" for g in bench.chains[lab.seeds[0]]["mixed"])
+    )

@@ -41,15 +41,21 @@ def test_baby_gpt_matches_nanogpt_readme(lab, char_data, baby_runs, outcome):
         lines[f"train, seed {s}"] = ([e["step"] for e in ev], [e["train_loss"] for e in ev])
         lines[f"val, seed {s}"] = ([e["step"] for e in ev], [e["val_loss"] for e in ev])
     outcome.plot_lines(
-        "loss_curves", lines, xlabel="step", ylabel="loss (nats/char)",
+        "loss_curves",
+        lines,
+        xlabel="step",
+        ylabel="loss (nats/char)",
         hlines={"nanoGPT README: 1.88": NANOGPT_README_VAL_LOSS},
-        title="Baby GPT on tiny Shakespeare", caption="Train and validation loss at each evaluation point, per seed.",
+        title="Baby GPT on tiny Shakespeare",
+        caption="Train and validation loss at each evaluation point, per seed.",
     )
     run = baby_runs[seeds[0]]
     prompt = torch.tensor([char_data.tokenizer.encode("ROMEO:\n")], dtype=torch.long)
     gen = torch.Generator().manual_seed(0)
     sample = run.model.generate(prompt, 200, temperature=0.8, top_k=20, generator=gen, crop=True)
-    outcome.note("Sample (seed 0 model, T=0.8, top-k 20): " + char_data.tokenizer.decode(sample[0].tolist()).replace("\n", " / "))
+    outcome.note(
+        "Sample (seed 0 model, T=0.8, top-k 20): " + char_data.tokenizer.decode(sample[0].tolist()).replace("\n", " / ")
+    )
 
 
 @prediction(
@@ -70,12 +76,26 @@ def test_nanogpt_itself_on_this_machine(lab, outcome):
     if path is None:
         pytest.skip(why)
     p = lab.profile.pretraining
-    log = run_nanogpt_baby(path, n_layer=p.baby.n_layer, n_head=p.baby.n_head, n_embd=p.baby.n_embd,
-                           block_size=p.baby.block_size, batch_size=p.batch_size, max_iters=p.steps,
-                           device=lab.device, eval_iters=20, eval_interval=p.eval_interval)
+    log = run_nanogpt_baby(
+        path,
+        n_layer=p.baby.n_layer,
+        n_head=p.baby.n_head,
+        n_embd=p.baby.n_embd,
+        block_size=p.baby.block_size,
+        batch_size=p.batch_size,
+        max_iters=p.steps,
+        device=lab.device,
+        eval_iters=20,
+        eval_interval=p.eval_interval,
+    )
     losses = nanogpt_val_losses(log)
     outcome.record("nanogpt_val_loss", losses[max(losses)], unit="nats/char")
     steps = sorted(losses)
-    outcome.plot_lines("nanogpt_val", {"nanoGPT val loss (eval_iters 20)": (steps, [losses[s] for s in steps])},
-                       xlabel="iteration", ylabel="val loss (nats/char)", hlines={"1.88": NANOGPT_README_VAL_LOSS},
-                       title="nanoGPT's own train.py on this machine")
+    outcome.plot_lines(
+        "nanogpt_val",
+        {"nanoGPT val loss (eval_iters 20)": (steps, [losses[s] for s in steps])},
+        xlabel="iteration",
+        ylabel="val loss (nats/char)",
+        hlines={"1.88": NANOGPT_README_VAL_LOSS},
+        title="nanoGPT's own train.py on this machine",
+    )

@@ -34,7 +34,13 @@ def test_val_loss_beats_ngram_entropies(lab, char_data, baby_runs, outcome):
     seeds = sorted(baby_runs)
     outcome.plot_lines(
         "val_curves",
-        {f"val loss, seed {s}": ([e["step"] for e in baby_runs[s].evals], [e["val_loss"] for e in baby_runs[s].evals]) for s in seeds},
+        {
+            f"val loss, seed {s}": (
+                [e["step"] for e in baby_runs[s].evals],
+                [e["val_loss"] for e in baby_runs[s].evals],
+            )
+            for s in seeds
+        },
         xlabel="step",
         ylabel="loss (nats/char)",
         hlines={"unigram entropy H(X)": h1, "bigram entropy H(X_t|X_t-1)": h2},

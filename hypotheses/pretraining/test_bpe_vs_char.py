@@ -38,14 +38,33 @@ def test_bpe_beats_char_at_equal_compute(lab, char_data, baby_runs, outcome):
     for seed in lab.seeds:
         bpe_run = lab.pretrain(bpe_data, bpe_config, seed=seed)
         char_run = baby_runs[seed]
-        outcome.record("char_bpc", bits_per_char(char_run.final_val_loss, len(char_data.val), char_data.val_chars), seed=seed, unit="bits/char")
-        outcome.record("bpe_bpc", bits_per_char(bpe_run.final_val_loss, len(bpe_data.val), bpe_data.val_chars), seed=seed, unit="bits/char")
+        outcome.record(
+            "char_bpc",
+            bits_per_char(char_run.final_val_loss, len(char_data.val), char_data.val_chars),
+            seed=seed,
+            unit="bits/char",
+        )
+        outcome.record(
+            "bpe_bpc",
+            bits_per_char(bpe_run.final_val_loss, len(bpe_data.val), bpe_data.val_chars),
+            seed=seed,
+            unit="bits/char",
+        )
         outcome.record("bpe_val_loss_per_token", bpe_run.final_val_loss, seed=seed, unit="nats/token")
         if seed == lab.seeds[0]:
-            curves["char"] = ([e["step"] for e in char_run.evals], [e["val_loss"] * char_ratio / math.log(2) for e in char_run.evals])
-            curves[f"BPE (vocab {bpe_data.vocab_size})"] = ([e["step"] for e in bpe_run.evals], [e["val_loss"] * bpe_ratio / math.log(2) for e in bpe_run.evals])
+            curves["char"] = (
+                [e["step"] for e in char_run.evals],
+                [e["val_loss"] * char_ratio / math.log(2) for e in char_run.evals],
+            )
+            curves[f"BPE (vocab {bpe_data.vocab_size})"] = (
+                [e["step"] for e in bpe_run.evals],
+                [e["val_loss"] * bpe_ratio / math.log(2) for e in bpe_run.evals],
+            )
     outcome.plot_lines(
-        "bpc_curves", curves, xlabel="step", ylabel="val bits per character",
+        "bpc_curves",
+        curves,
+        xlabel="step",
+        ylabel="val bits per character",
         title="Char vs BPE at equal steps and model size (seed 0)",
         caption="Validation bits per character during training, first seed.",
     )

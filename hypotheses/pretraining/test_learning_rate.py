@@ -48,7 +48,9 @@ def test_learning_rate_sweep_is_u_shaped(lab, char_data, outcome):
         for j, lr in enumerate(lrs):
             losses[i, j], diverged = _final_val_loss(lab, char_data, config, seed=seed, lr=lr, steps=p.sweep_steps)
             if diverged:
-                outcome.note(f"lr={lr:g}, seed {seed}: training diverged (non-finite loss); scored as ln V = {losses[i, j]:.3f}")
+                outcome.note(
+                    f"lr={lr:g}, seed {seed}: training diverged (non-finite loss); scored as ln V = {losses[i, j]:.3f}"
+                )
     for i, seed in enumerate(lab.seeds):
         row = losses[i]
         outcome.record("u_depth", min(row[0], row[-1]) - row[1:-1].min(), seed=seed, unit="nats/char")
@@ -61,8 +63,11 @@ def test_learning_rate_sweep_is_u_shaped(lab, char_data, outcome):
         caption=f"Final validation loss after {p.sweep_steps} steps, mean over {len(lab.seeds)} seeds",
     )
     fig = line_figure(
-        {"mean over seeds": (lrs, mean)}, xlabel="peak learning rate", ylabel="final val loss (nats/char)",
-        logx=True, title=f"Learning-rate sweep, {p.sweep_steps} steps",
+        {"mean over seeds": (lrs, mean)},
+        xlabel="peak learning rate",
+        ylabel="final val loss (nats/char)",
+        logx=True,
+        title=f"Learning-rate sweep, {p.sweep_steps} steps",
         hlines={"ln V (uniform)": math.log(config.vocab_size)},
     )
     ax = fig.axes[0]

@@ -25,15 +25,22 @@ def test_small_split_overfits_more(lab, char_data, baby_runs, outcome):
     curves = {}
     for seed in lab.seeds:
         full_run, small_run = baby_runs[seed], lab.pretrain(small, config, seed=seed)
-        outcome.record("gap_full_split", full_run.final_val_loss - full_run.final_train_loss, seed=seed, unit="nats/char")
-        outcome.record("gap_small_split", small_run.final_val_loss - small_run.final_train_loss, seed=seed, unit="nats/char")
+        outcome.record(
+            "gap_full_split", full_run.final_val_loss - full_run.final_train_loss, seed=seed, unit="nats/char"
+        )
+        outcome.record(
+            "gap_small_split", small_run.final_val_loss - small_run.final_train_loss, seed=seed, unit="nats/char"
+        )
         outcome.record("val_loss_small_split", small_run.final_val_loss, seed=seed, unit="nats/char")
         if seed == lab.seeds[0]:
             for name, run in (("full split", full_run), (f"{p.small_split_fraction:.0%} split", small_run)):
                 curves[f"{name}: train"] = ([e["step"] for e in run.evals], [e["train_loss"] for e in run.evals])
                 curves[f"{name}: val"] = ([e["step"] for e in run.evals], [e["val_loss"] for e in run.evals])
     outcome.plot_lines(
-        "overfitting", curves, xlabel="step", ylabel="loss (nats/char)",
+        "overfitting",
+        curves,
+        xlabel="step",
+        ylabel="loss (nats/char)",
         title="Train vs validation loss, full vs 10x smaller training split (seed 0)",
         caption="The gap between each pair of curves is the overfitting the prediction is about.",
     )

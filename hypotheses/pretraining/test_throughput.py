@@ -72,9 +72,19 @@ def test_throughput_vs_nanogpt(lab, char_data, outcome):
     steps = max(p.throughput_steps, 30)
     tokens = p.batch_size * p.baby.block_size
     for rnd in range(3):
-        log = run_nanogpt_baby(path, n_layer=p.baby.n_layer, n_head=p.baby.n_head, n_embd=p.baby.n_embd,
-                               block_size=p.baby.block_size, batch_size=p.batch_size, max_iters=steps,
-                               device=lab.device, eval_iters=1, eval_interval=10**6, lr_decay_iters=p.steps)
+        log = run_nanogpt_baby(
+            path,
+            n_layer=p.baby.n_layer,
+            n_head=p.baby.n_head,
+            n_embd=p.baby.n_embd,
+            block_size=p.baby.block_size,
+            batch_size=p.batch_size,
+            max_iters=steps,
+            device=lab.device,
+            eval_iters=1,
+            eval_interval=10**6,
+            lr_decay_iters=p.steps,
+        )
         nano = tokens / statistics.median(nanogpt_step_times(log)[5:])
         step, _ = _lab_step_fn(lab, char_data)
         times = []

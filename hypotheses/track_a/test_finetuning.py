@@ -25,11 +25,13 @@ def _curves(runs, key):
 
 @prediction(
     "Fast then slow: at least half of the total drop in Milton val loss happens in the first 20% of steps",
-    metric="early_share", expect=at_least(0.5),
+    metric="early_share",
+    expect=at_least(0.5),
 )
 @prediction(
     "Milton val loss is still falling at the end of the budget (it bottoms out in the last 10% of steps): less than one epoch cannot overfit",
-    metric="best_step_fraction", expect=at_least(0.9),
+    metric="best_step_fraction",
+    expect=at_least(0.9),
 )
 def test_loss_curves(lab, ft_runs, milton_data, outcome):
     """Loss curves of LoRA fine-tuning on Milton.
@@ -51,20 +53,34 @@ def test_loss_curves(lab, ft_runs, milton_data, outcome):
         outcome.record("best_step_fraction", float(steps[vals.argmin()] / f.steps), seed=seed)
     s, train = _curves(runs, "train_loss")
     _, val = _curves(runs, "new_val")
-    outcome.plot_lines("curves", {"Milton train": (s, train), "Milton val": (s, val)}, xlabel="fine-tuning step",
-                       ylabel="loss (nats/char), mean over seeds", title="LoRA r=8 on Milton")
-    outcome.note(f"Milton: {len(milton_data.train):,} training characters; {milton_data.dropped_chars:,} characters "
-                 "outside the base's Shakespeare alphabet were dropped.")
+    outcome.plot_lines(
+        "curves",
+        {"Milton train": (s, train), "Milton val": (s, val)},
+        xlabel="fine-tuning step",
+        ylabel="loss (nats/char), mean over seeds",
+        title="LoRA r=8 on Milton",
+    )
+    outcome.note(
+        f"Milton: {len(milton_data.train):,} training characters; {milton_data.dropped_chars:,} characters "
+        "outside the base's Shakespeare alphabet were dropped."
+    )
 
 
 @prediction(
     "The learning rate matters U-shaped: both the smallest and the largest rate end worse than the best rate in between",
-    metric="u_depth", expect=greater_than(0.0),
+    metric="u_depth",
+    expect=greater_than(0.0),
 )
-@prediction("The smallest rate (1e-5) underfits: at least 0.1 nats/char above the best rate",
-            metric="low_lr_gap", expect=at_least(0.1))
-@prediction("The largest rate (5e-3) destabilizes: it ends at least 0.02 nats/char above the best rate",
-            metric="high_lr_gap", expect=at_least(0.02))
+@prediction(
+    "The smallest rate (1e-5) underfits: at least 0.1 nats/char above the best rate",
+    metric="low_lr_gap",
+    expect=at_least(0.1),
+)
+@prediction(
+    "The largest rate (5e-3) destabilizes: it ends at least 0.02 nats/char above the best rate",
+    metric="high_lr_gap",
+    expect=at_least(0.02),
+)
 def test_learning_rate_sweep(lab, ft_runs, milton_data, outcome):
     """LoRA (rank 8) fine-tuning at each rate of the seed's grid (1e-5, 2e-4, 1e-3, 5e-3).
 
@@ -85,19 +101,31 @@ def test_learning_rate_sweep(lab, ft_runs, milton_data, outcome):
         outcome.record("u_depth", min(vals[f.lrs[0]], vals[f.lrs[-1]]) - interior, seed=seed)
         outcome.record("low_lr_gap", vals[f.lrs[0]] - best, seed=seed)
         outcome.record("high_lr_gap", vals[f.lrs[-1]] - best, seed=seed)
-        spikes = [max(0.0, max(h["loss"] for h in runs[lr][seed].history[len(runs[lr][seed].history) // 10:])
-                      - runs[lr][seed].history[len(runs[lr][seed].history) // 10]["loss"]) for lr in f.lrs]
+        spikes = [
+            max(
+                0.0,
+                max(h["loss"] for h in runs[lr][seed].history[len(runs[lr][seed].history) // 10 :])
+                - runs[lr][seed].history[len(runs[lr][seed].history) // 10]["loss"],
+            )
+            for lr in f.lrs
+        ]
         for lr, sp in zip(f.lrs, spikes):
             outcome.record(f"spike_at_{lr:g}", sp, seed=seed)
     for lr in f.lrs:
         lines[f"lr {lr:g}"] = _curves(runs[lr], "new_val")
-    outcome.plot_lines("val_by_lr", lines, xlabel="fine-tuning step", ylabel="Milton val loss, mean over seeds",
-                       title="LoRA r=8: learning-rate sweep")
+    outcome.plot_lines(
+        "val_by_lr",
+        lines,
+        xlabel="fine-tuning step",
+        ylabel="Milton val loss, mean over seeds",
+        title="LoRA r=8: learning-rate sweep",
+    )
 
 
 @prediction(
     "Diminishing returns with rank: doubling the smallest rank (8 -> 16) lowers Milton val loss more than doubling the largest (32 -> 64)",
-    metric="gain_lowest_ranks", expect=greater_than("gain_highest_ranks"),
+    metric="gain_lowest_ranks",
+    expect=greater_than("gain_highest_ranks"),
 )
 def test_lora_rank(lab, ft_runs, milton_data, outcome):
     """LoRA rank vs Milton val loss, with full fine-tuning as the reference.
@@ -122,23 +150,48 @@ def test_lora_rank(lab, ft_runs, milton_data, outcome):
         outcome.record("gain_highest_ranks", vals[ranks[-2]] - vals[ranks[-1]] if len(ranks) > 2 else 0.0, seed=seed)
     for r in f.ranks:
         first = next(iter(runs[r].values()))
-        rows.append({"method": first.config.label, "trainable params": first.trainable_params,
-                     "final Milton val (mean)": round(float(np.mean([_val(x, V) for x in runs[r].values()])), 4)})
+        rows.append(
+            {
+                "method": first.config.label,
+                "trainable params": first.trainable_params,
+                "final Milton val (mean)": round(float(np.mean([_val(x, V) for x in runs[r].values()])), 4),
+            }
+        )
     first = next(iter(full.values()))
-    rows.append({"method": "full fine-tuning", "trainable params": first.trainable_params,
-                 "final Milton val (mean)": round(float(np.mean([_val(x, V) for x in full.values()])), 4)})
+    rows.append(
+        {
+            "method": "full fine-tuning",
+            "trainable params": first.trainable_params,
+            "final Milton val (mean)": round(float(np.mean([_val(x, V) for x in full.values()])), 4),
+        }
+    )
     outcome.table("rank", rows, caption="Final Milton val loss vs trainable parameters")
     outcome.plot_lines(
-        "val_vs_params", {"LoRA": ([row["trainable params"] for row in rows[:-1]], [row["final Milton val (mean)"] for row in rows[:-1]]),
-                          "full fine-tuning": ([rows[-1]["trainable params"]], [rows[-1]["final Milton val (mean)"]])},
-        xlabel="trainable parameters", ylabel="final Milton val loss", title="LoRA rank vs full fine-tuning", logx=True,
+        "val_vs_params",
+        {
+            "LoRA": (
+                [row["trainable params"] for row in rows[:-1]],
+                [row["final Milton val (mean)"] for row in rows[:-1]],
+            ),
+            "full fine-tuning": ([rows[-1]["trainable params"]], [rows[-1]["final Milton val (mean)"]]),
+        },
+        xlabel="trainable parameters",
+        ylabel="final Milton val loss",
+        title="LoRA rank vs full fine-tuning",
+        logx=True,
     )
 
 
-@prediction("QLoRA (4-bit NF4 base + LoRA r=8) ends within 0.05 nats/char of LoRA r=8 on the full-precision base",
-            metric="qlora_minus_lora", expect=between(-0.05, 0.05))
-@prediction("The 4-bit base needs at most half the bytes of the full-precision base",
-            metric="base_bytes_ratio", expect=at_most(0.5))
+@prediction(
+    "QLoRA (4-bit NF4 base + LoRA r=8) ends within 0.05 nats/char of LoRA r=8 on the full-precision base",
+    metric="qlora_minus_lora",
+    expect=between(-0.05, 0.05),
+)
+@prediction(
+    "The 4-bit base needs at most half the bytes of the full-precision base",
+    metric="base_bytes_ratio",
+    expect=at_most(0.5),
+)
 def test_qlora_matches_lora(lab, ft_runs, milton_data, outcome):
     """QLoRA vs LoRA at the same rank, learning rate, steps and seeds.
 
@@ -155,14 +208,25 @@ def test_qlora_matches_lora(lab, ft_runs, milton_data, outcome):
     outcome.record("base_bytes_ratio", qb / lb)
     outcome.record("lora_base_bytes", lb, unit="bytes")
     outcome.record("qlora_base_bytes", qb, unit="bytes")
-    outcome.plot_lines("curves", {"LoRA r=8": _curves(lora, "new_val"), "QLoRA r=8": _curves(qlora, "new_val")},
-                       xlabel="fine-tuning step", ylabel="Milton val loss, mean over seeds", title="QLoRA vs LoRA")
+    outcome.plot_lines(
+        "curves",
+        {"LoRA r=8": _curves(lora, "new_val"), "QLoRA r=8": _curves(qlora, "new_val")},
+        xlabel="fine-tuning step",
+        ylabel="Milton val loss, mean over seeds",
+        title="QLoRA vs LoRA",
+    )
 
 
-@prediction("Full fine-tuning forgets more than LoRA: Shakespeare val loss rises more",
-            metric="full_forgetting", expect=greater_than("lora_forgetting"))
-@prediction("Replay (a quarter of each batch from Shakespeare) reduces full fine-tuning's forgetting",
-            metric="full_replay_forgetting", expect=less_than("full_forgetting"))
+@prediction(
+    "Full fine-tuning forgets more than LoRA: Shakespeare val loss rises more",
+    metric="full_forgetting",
+    expect=greater_than("lora_forgetting"),
+)
+@prediction(
+    "Replay (a quarter of each batch from Shakespeare) reduces full fine-tuning's forgetting",
+    metric="full_replay_forgetting",
+    expect=less_than("full_forgetting"),
+)
 def test_catastrophic_forgetting(lab, ft_runs, outcome):
     """Old task (Shakespeare) vs new task (Milton) during fine-tuning.
 
@@ -181,17 +245,27 @@ def test_catastrophic_forgetting(lab, ft_runs, outcome):
     lines = {}
     for name, runs in variants.items():
         for seed, r in runs.items():
-            outcome.record(f"{name}_forgetting", r.final["old_val"] - r.evals[0]["old_val"], seed=seed, unit="nats/char")
+            outcome.record(
+                f"{name}_forgetting", r.final["old_val"] - r.evals[0]["old_val"], seed=seed, unit="nats/char"
+            )
             outcome.record(f"{name}_new_val", r.final["new_val"], seed=seed, unit="nats/char")
         _, new = _curves(runs, "new_val")
         _, old = _curves(runs, "old_val")
         lines[name.replace("_", " + ")] = (new, old)
-    outcome.plot_lines("old_vs_new", lines, xlabel="Milton val loss (new task)", ylabel="Shakespeare val loss (old task)",
-                       title="Forgetting trajectories (mean over seeds; training runs right to left)")
+    outcome.plot_lines(
+        "old_vs_new",
+        lines,
+        xlabel="Milton val loss (new task)",
+        ylabel="Shakespeare val loss (old task)",
+        title="Forgetting trajectories (mean over seeds; training runs right to left)",
+    )
 
 
-@prediction("The last layer's LoRA update moves its weights more (relative change) than the first layer's",
-            metric="delta_last", expect=greater_than("delta_first"))
+@prediction(
+    "The last layer's LoRA update moves its weights more (relative change) than the first layer's",
+    metric="delta_last",
+    expect=greater_than("delta_first"),
+)
 def test_optimizer_state_by_layer(lab, ft_runs, outcome):
     """Adam's moments and the weight change per layer, over LoRA fine-tuning.
 
@@ -208,9 +282,18 @@ def test_optimizer_state_by_layer(lab, ft_runs, outcome):
         outcome.record("delta_last", layers[keys[-1]]["delta"], seed=seed)
     first = next(iter(runs.values()))
     steps = [s["step"] for s in first.layer_stats]
-    for stat, label in (("delta", "relative weight change"), ("adam_m", "mean |Adam m|"), ("adam_v", "mean sqrt(Adam v)")):
+    for stat, label in (
+        ("delta", "relative weight change"),
+        ("adam_m", "mean |Adam m|"),
+        ("adam_v", "mean sqrt(Adam v)"),
+    ):
         lines = {}
         for layer in sorted(first.layer_stats[-1]["layers"], key=int):
             lines[f"layer {layer}"] = (steps[1:], [s["layers"][layer].get(stat, 0.0) for s in first.layer_stats[1:]])
-        outcome.plot_lines(f"layers_{stat}", lines, xlabel="fine-tuning step", ylabel=label,
-                           title=f"LoRA r=8, per layer: {label} (seed {next(iter(runs))})")
+        outcome.plot_lines(
+            f"layers_{stat}",
+            lines,
+            xlabel="fine-tuning step",
+            ylabel=label,
+            title=f"LoRA r=8, per layer: {label} (seed {next(iter(runs))})",
+        )

@@ -45,7 +45,9 @@ def test_step_time_benchmark(lab, ft_base, milton_data, benchmark, outcome, meth
     """
     benchmark.group = "track A: fine-tuning step (full vs LoRA vs QLoRA)"
     benchmark.extra_info["method"] = method
-    benchmark.pedantic(_step_fn(lab, ft_base, milton_data, method), rounds=lab.profile.finetune.bench_rounds, warmup_rounds=3)
+    benchmark.pedantic(
+        _step_fn(lab, ft_base, milton_data, method), rounds=lab.profile.finetune.bench_rounds, warmup_rounds=3
+    )
     outcome.cite_benchmark(benchmark.group)
 
 
@@ -89,15 +91,31 @@ def _peak_memory(lab, base, data, method, tmp_path) -> int:
         np.save(tokens, data.train[:200_000])
     f = lab.profile.finetune
     out = subprocess.run(
-        [sys.executable, "-c", _PEAK, str(base), method, str(f.batch_size), str(f.base.block_size), "5", lab.device, str(tokens)],
-        capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"},
+        [
+            sys.executable,
+            "-c",
+            _PEAK,
+            str(base),
+            method,
+            str(f.batch_size),
+            str(f.base.block_size),
+            "5",
+            lab.device,
+            str(tokens),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "TQDM_DISABLE": "1"},
     )
     if out.returncode != 0:
         raise RuntimeError(f"peak-memory subprocess for {method} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
-@prediction("LoRA's training peak memory is below full fine-tuning's", metric="lora_peak", expect=less_than("full_peak"))
+@prediction(
+    "LoRA's training peak memory is below full fine-tuning's", metric="lora_peak", expect=less_than("full_peak")
+)
 @prediction("QLoRA's training peak memory is below LoRA's", metric="qlora_peak", expect=less_than("lora_peak"))
 def test_peak_memory(lab, ft_base, milton_data, outcome, tmp_path):
     """Peak memory of five fine-tuning steps per method, each in a fresh process.

@@ -60,12 +60,22 @@ def _causal(model) -> bool:
 @pytest.mark.parametrize(
     "model",
     [
-        pytest.param("baby-gpt", marks=prediction(
-            "A char-level model grows a previous-token head: some head puts >= 50% of its attention on the previous character",
-            metric="max_neighbour_share", expect=at_least(0.5))),
-        pytest.param("minilm", marks=prediction(
-            "MiniLM has a positional head (Clark et al. 2019 found them in BERT): some head puts >= 50% of its attention on the previous or next token",
-            metric="max_neighbour_share", expect=at_least(0.5))),
+        pytest.param(
+            "baby-gpt",
+            marks=prediction(
+                "A char-level model grows a previous-token head: some head puts >= 50% of its attention on the previous character",
+                metric="max_neighbour_share",
+                expect=at_least(0.5),
+            ),
+        ),
+        pytest.param(
+            "minilm",
+            marks=prediction(
+                "MiniLM has a positional head (Clark et al. 2019 found them in BERT): some head puts >= 50% of its attention on the previous or next token",
+                metric="max_neighbour_share",
+                expect=at_least(0.5),
+            ),
+        ),
     ],
 )
 def test_heatmaps(request, model, outcome):
@@ -87,23 +97,37 @@ def test_heatmaps(request, model, outcome):
             first = pats[0][:, 0]  # (layers, heads, T, T) of the first input
             L, H = first.shape[:2]
             grid = [[first[l, h].numpy() for h in range(H)] for l in range(L)]
-            outcome.plot("heatmaps", heatmap_grid(grid, row_labels=[f"layer {l}" for l in range(L)],
-                                                  col_labels=[f"head {h}" for h in range(H)],
-                                                  title=f"{model}: attention on the first input"),
-                         caption="Rows: queries, columns: keys; brighter = more attention.")
+            outcome.plot(
+                "heatmaps",
+                heatmap_grid(
+                    grid,
+                    row_labels=[f"layer {l}" for l in range(L)],
+                    col_labels=[f"head {h}" for h in range(H)],
+                    title=f"{model}: attention on the first input",
+                ),
+                caption="Rows: queries, columns: keys; brighter = more attention.",
+            )
             l, h = divmod(int(share.argmax()), H)
             T = min(first.size(-1), 32)
-            outcome.plot("strongest-neighbour-head", heatmap_grid([[first[l, h, :T, :T].numpy()]], tick_labels=labels[:T],
-                                                                   title=f"layer {l} head {h}", cell=5.0),
-                         caption=f"The head with the largest neighbour share ({share[l, h]:.2f}), first {T} tokens.")
-            outcome.table("neighbour-share", [{"layer": i, **{f"head {j}": round(share[i, j].item(), 3) for j in range(H)}}
-                                              for i in range(L)], caption="Mean attention on the adjacent token per head.")
+            outcome.plot(
+                "strongest-neighbour-head",
+                heatmap_grid(
+                    [[first[l, h, :T, :T].numpy()]], tick_labels=labels[:T], title=f"layer {l} head {h}", cell=5.0
+                ),
+                caption=f"The head with the largest neighbour share ({share[l, h]:.2f}), first {T} tokens.",
+            )
+            outcome.table(
+                "neighbour-share",
+                [{"layer": i, **{f"head {j}": round(share[i, j].item(), 3) for j in range(H)}} for i in range(L)],
+                caption="Mean attention on the adjacent token per head.",
+            )
 
 
 @pytest.mark.parametrize("model", MODELS)
 @prediction(
     "Early layers attend locally, later layers more broadly: mean attended distance is larger in the last layer than in the first",
-    metric="distance_last_minus_first", expect=greater_than(0),
+    metric="distance_last_minus_first",
+    expect=greater_than(0),
 )
 def test_head_locality(request, model, outcome):
     """Head comparison: attention entropy and mean attended distance per head.
@@ -137,16 +161,27 @@ def test_head_locality(request, model, outcome):
     seeds = sorted({r["seed"] for r in rows}, key=lambda s: -1 if s is None else s)
     layers = sorted({r["layer"] for r in rows})
     mean = {k: [np.mean([r[k] for r in rows if r["layer"] == l]) for l in layers] for k in ("distance", "entropy")}
-    outcome.plot_lines("distance-by-layer", {"mean attended distance": (layers, mean["distance"])},
-                       xlabel="layer", ylabel="tokens", title=f"{model}: mean over heads" + (" and seeds" if len(seeds) > 1 else ""))
-    outcome.table("by-layer", [{"layer": l, "distance": round(mean["distance"][i], 2), "entropy": round(mean["entropy"][i], 3)}
-                               for i, l in enumerate(layers)])
+    outcome.plot_lines(
+        "distance-by-layer",
+        {"mean attended distance": (layers, mean["distance"])},
+        xlabel="layer",
+        ylabel="tokens",
+        title=f"{model}: mean over heads" + (" and seeds" if len(seeds) > 1 else ""),
+    )
+    outcome.table(
+        "by-layer",
+        [
+            {"layer": l, "distance": round(mean["distance"][i], 2), "entropy": round(mean["entropy"][i], 3)}
+            for i, l in enumerate(layers)
+        ],
+    )
 
 
 @pytest.mark.parametrize("model", MODELS)
 @prediction(
     "Attention sinks: most heads (>= 50%) put at least 20% of their attention on the first token",
-    metric="sink_head_fraction", expect=at_least(0.5),
+    metric="sink_head_fraction",
+    expect=at_least(0.5),
 )
 def test_attention_sink(request, model, outcome):
     """Layer progression of attention, and attention sinks.
@@ -173,8 +208,16 @@ def test_attention_sink(request, model, outcome):
     base = uniform_pattern(T, causal=_causal(m))
     uniform = key_share(base, 0, min_query=SINK_MIN_QUERY if _causal(m) else 1).item()
     lines = {("mean" if s is None else f"seed {s}"): (layers, c) for s, c in curves.items()}
-    outcome.plot("sink-by-layer", line_figure(lines, xlabel="layer", ylabel="attention on the first token",
-                                              title=f"{model}: mean over heads", hlines={"uniform attention": uniform}))
+    outcome.plot(
+        "sink-by-layer",
+        line_figure(
+            lines,
+            xlabel="layer",
+            ylabel="attention on the first token",
+            title=f"{model}: mean over heads",
+            hlines={"uniform attention": uniform},
+        ),
+    )
     if not _causal(m):
         outcome.note("sep_share: the mean attention on the final [SEP] token, the other sink BERT is known for.")
 
@@ -192,22 +235,46 @@ def _induction_losses(model, seqs, period):
 @pytest.mark.parametrize(
     "state",
     [
-        pytest.param("trained", marks=[
-            prediction("A trained model has an induction head: some head scores >= 0.3 (attention from a repeated token to the token after its first occurrence)",
-                       metric="max_induction_score", expect=at_least(0.3)),
-            prediction("In-context copying: loss on the second repeat is at most half the loss on the first",
-                       metric="repeat_loss_ratio", expect=at_most(0.5)),
-        ]),
-        pytest.param("trained-text", marks=[
-            prediction("On repeated real text (added after the random-sequence result): the repeat still helps, second-repeat loss at most 0.9 of the first",
-                       metric="repeat_loss_ratio", expect=at_most(0.9)),
-        ]),
-        pytest.param("untrained", marks=[
-            prediction("Control: at initialisation no head is an induction head (max score < 0.1)",
-                       metric="max_induction_score", expect=at_most(0.1)),
-            prediction("Control: at initialisation the repeat does not help (loss ratio >= 0.9)",
-                       metric="repeat_loss_ratio", expect=at_least(0.9)),
-        ]),
+        pytest.param(
+            "trained",
+            marks=[
+                prediction(
+                    "A trained model has an induction head: some head scores >= 0.3 (attention from a repeated token to the token after its first occurrence)",
+                    metric="max_induction_score",
+                    expect=at_least(0.3),
+                ),
+                prediction(
+                    "In-context copying: loss on the second repeat is at most half the loss on the first",
+                    metric="repeat_loss_ratio",
+                    expect=at_most(0.5),
+                ),
+            ],
+        ),
+        pytest.param(
+            "trained-text",
+            marks=[
+                prediction(
+                    "On repeated real text (added after the random-sequence result): the repeat still helps, second-repeat loss at most 0.9 of the first",
+                    metric="repeat_loss_ratio",
+                    expect=at_most(0.9),
+                ),
+            ],
+        ),
+        pytest.param(
+            "untrained",
+            marks=[
+                prediction(
+                    "Control: at initialisation no head is an induction head (max score < 0.1)",
+                    metric="max_induction_score",
+                    expect=at_most(0.1),
+                ),
+                prediction(
+                    "Control: at initialisation the repeat does not help (loss ratio >= 0.9)",
+                    metric="repeat_loss_ratio",
+                    expect=at_least(0.9),
+                ),
+            ],
+        ),
     ],
 )
 def test_induction_heads(lab, baby_runs, char_data, state, outcome):
@@ -245,21 +312,33 @@ def test_induction_heads(lab, baby_runs, char_data, state, outcome):
         per_pos.append(curve)
         if seed == lab.seeds[0]:
             L, H = score.shape
-            outcome.table("induction-scores", [{"layer": l, **{f"head {h}": round(score[l, h].item(), 3) for h in range(H)}}
-                                               for l in range(L)], caption=f"Seed {seed}, {state}.")
+            outcome.table(
+                "induction-scores",
+                [{"layer": l, **{f"head {h}": round(score[l, h].item(), 3) for h in range(H)}} for l in range(L)],
+                caption=f"Seed {seed}, {state}.",
+            )
             l, h = divmod(int(score.argmax()), H)
-            outcome.plot("top-head", heatmap_grid([[pats[l, 0, h].numpy()]], title=f"layer {l} head {h} on one repeated sequence", cell=4.0),
-                         caption="An induction head shows as a stripe one above the diagonal offset by the period.")
+            outcome.plot(
+                "top-head",
+                heatmap_grid([[pats[l, 0, h].numpy()]], title=f"layer {l} head {h} on one repeated sequence", cell=4.0),
+                caption="An induction head shows as a stripe one above the diagonal offset by the period.",
+            )
     xs = list(range(1, 2 * s.induction_period))
-    outcome.plot_lines("loss-by-position", {state: (xs, np.mean(per_pos, axis=0))}, xlabel="position of the predicted token",
-                       ylabel="loss (nats), mean over sequences and seeds", title=f"{state}: random sequence, then its repeat",
-                       hlines={"ln V (uniform guess)": float(np.log(char_data.vocab_size))})
+    outcome.plot_lines(
+        "loss-by-position",
+        {state: (xs, np.mean(per_pos, axis=0))},
+        xlabel="position of the predicted token",
+        ylabel="loss (nats), mean over sequences and seeds",
+        title=f"{state}: random sequence, then its repeat",
+        hlines={"ln V (uniform guess)": float(np.log(char_data.vocab_size))},
+    )
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 @prediction(
     "Fine-tuning changes attention most in the last layer (where Track A found the weights move most)",
-    metric="last_minus_max_other", expect=greater_than(0),
+    metric="last_minus_max_other",
+    expect=greater_than(0),
 )
 def test_finetune_attention_shift(lab, ft_base, ft_runs, milton_data, method, outcome):
     """Base vs fine-tuned attention (Track A's models).
@@ -284,5 +363,10 @@ def test_finetune_attention_shift(lab, ft_base, ft_runs, milton_data, method, ou
         outcome.record("last_minus_max_other", (js[-1] - js[:-1].max()).item(), seed=seed)
         outcome.record("mean_js", js.mean().item(), seed=seed, unit="nats")
         curves[f"seed {seed}"] = (list(range(len(js))), js.numpy())
-    outcome.plot_lines("js-by-layer", curves, xlabel="layer", ylabel="JS divergence base vs fine-tuned (nats)",
-                       title=f"{method} fine-tuning on Milton")
+    outcome.plot_lines(
+        "js-by-layer",
+        curves,
+        xlabel="layer",
+        ylabel="JS divergence base vs fine-tuned (nats)",
+        title=f"{method} fine-tuning on Milton",
+    )

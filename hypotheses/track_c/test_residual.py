@@ -44,14 +44,19 @@ def _caches(request, which, names):
         return out
     model, tokenizer = request.getfixturevalue("minilm")
     n = adapter(model).n_layers
-    caches = [run_with_cache(model, tokenizer(t, return_tensors="pt")["input_ids"], names(n))[1]
-              for t in request.getfixturevalue("minilm_texts")]
+    caches = [
+        run_with_cache(model, tokenizer(t, return_tensors="pt")["input_ids"], names(n))[1]
+        for t in request.getfixturevalue("minilm_texts")
+    ]
     return [(None, n, caches)]
 
 
 @pytest.mark.parametrize("model", MODELS)
-@prediction("The seed's prediction: the residual stream's norm grows through the layers (final / embedding > 1)",
-            metric="growth_ratio", expect=greater_than(1))
+@prediction(
+    "The seed's prediction: the residual stream's norm grows through the layers (final / embedding > 1)",
+    metric="growth_ratio",
+    expect=greater_than(1),
+)
 @prediction("... and grows at every block", metric="monotone_fraction", expect=at_least(1.0))
 def test_residual_norm_growth(request, model, outcome):
     """Residual-stream norms through the layers.
@@ -68,8 +73,13 @@ def test_residual_norm_growth(request, model, outcome):
         outcome.record("growth_ratio", norms[-1] / norms[0], seed=seed)
         outcome.record("monotone_fraction", monotone_fraction(list(norms)), seed=seed)
         lines["MiniLM" if seed is None else f"seed {seed}"] = (list(range(n + 1)), norms)
-    outcome.plot_lines("norms", lines, xlabel="depth (0 = embedding, i = after block i)", ylabel="mean L2 norm",
-                       title=f"{model}: residual-stream norm")
+    outcome.plot_lines(
+        "norms",
+        lines,
+        xlabel="depth (0 = embedding, i = after block i)",
+        ylabel="mean L2 norm",
+        title=f"{model}: residual-stream norm",
+    )
 
 
 def _write_names(n):
@@ -77,8 +87,11 @@ def _write_names(n):
 
 
 @pytest.mark.parametrize("model", MODELS)
-@prediction("The seed's prediction: the FFN writes more into the stream than attention (mean write norm ratio FFN / attention > 1)",
-            metric="write_ratio", expect=greater_than(1))
+@prediction(
+    "The seed's prediction: the FFN writes more into the stream than attention (mean write norm ratio FFN / attention > 1)",
+    metric="write_ratio",
+    expect=greater_than(1),
+)
 def test_ffn_writes_more(request, model, outcome):
     """FFN vs attention contribution, by the size of what each writes.
 
@@ -91,18 +104,28 @@ def test_ffn_writes_more(request, model, outcome):
     for seed, n, caches in _caches(request, model, _write_names):
         w = {k: np.mean([write_norms(c, n)[k] for c in caches], axis=0) for k in ("attn", "mlp")}
         outcome.record("write_ratio", w["mlp"].mean() / w["attn"].mean(), seed=seed)
-        rows += [{"seed": seed, "layer": i, "attention": round(float(w["attn"][i]), 3), "FFN": round(float(w["mlp"][i]), 3)}
-                 for i in range(n)]
+        rows += [
+            {"seed": seed, "layer": i, "attention": round(float(w["attn"][i]), 3), "FFN": round(float(w["mlp"][i]), 3)}
+            for i in range(n)
+        ]
     layers = sorted({r["layer"] for r in rows})
     mean = {k: [np.mean([r[k] for r in rows if r["layer"] == l]) for l in layers] for k in ("attention", "FFN")}
-    outcome.plot_lines("write-norms", {k: (layers, v) for k, v in mean.items()}, xlabel="layer",
-                       ylabel="mean L2 norm of the write", title=f"{model}: what each sub-layer adds")
+    outcome.plot_lines(
+        "write-norms",
+        {k: (layers, v) for k, v in mean.items()},
+        xlabel="layer",
+        ylabel="mean L2 norm of the write",
+        title=f"{model}: what each sub-layer adds",
+    )
     outcome.table("write-norms", rows)
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])
-@prediction("The seed's prediction: removing a layer's FFN costs more loss than removing its attention (mean over layers)",
-            metric="ablation_gap", expect=greater_than(0))
+@prediction(
+    "The seed's prediction: removing a layer's FFN costs more loss than removing its attention (mean over layers)",
+    metric="ablation_gap",
+    expect=greater_than(0),
+)
 def test_ffn_ablation_costs_more(baby_runs, inspect_windows, mode, outcome):
     """FFN vs attention contribution, by ablation.
 
@@ -125,14 +148,24 @@ def test_ffn_ablation_costs_more(baby_runs, inspect_windows, mode, outcome):
     mlp = np.mean([m for _, m in per_seed], axis=0)
     labels = [f"L{i} {part}" for i in range(len(attn)) for part in ("attn", "FFN")]
     values = [v for pair in zip(attn, mlp) for v in pair]
-    outcome.plot("loss-increase", bar_figure(labels, values, ylabel="loss increase (nats/char), mean over seeds",
-                                             title=f"{mode}-ablating one sub-layer"))
+    outcome.plot(
+        "loss-increase",
+        bar_figure(
+            labels, values, ylabel="loss increase (nats/char), mean over seeds", title=f"{mode}-ablating one sub-layer"
+        ),
+    )
 
 
-@prediction("Neighbouring positions are more alike than distant ones, at every depth (cosine at distance 1 minus mean at distance >= T/2, minimum over depths > 0)",
-            metric="near_minus_far_min", expect=greater_than(0))
-@prediction("The stream becomes more anisotropic with depth: mean cosine between positions is higher after the last block than at the embedding",
-            metric="anisotropy_growth", expect=greater_than(0))
+@prediction(
+    "Neighbouring positions are more alike than distant ones, at every depth (cosine at distance 1 minus mean at distance >= T/2, minimum over depths > 0)",
+    metric="near_minus_far_min",
+    expect=greater_than(0),
+)
+@prediction(
+    "The stream becomes more anisotropic with depth: mean cosine between positions is higher after the last block than at the embedding",
+    metric="anisotropy_growth",
+    expect=greater_than(0),
+)
 def test_position_similarity(baby_runs, inspect_windows, outcome):
     """Token-position similarity across layers.
 
@@ -148,38 +181,69 @@ def test_position_similarity(baby_runs, inspect_windows, outcome):
         sims = [position_similarity(cache[name]) for name in stream_names(n)]
         T = sims[0].size(0)
         by_dist = [similarity_by_distance(s) for s in sims]
-        near_far = [(d[1] - d[T // 2:].mean()).item() for d in by_dist]
+        near_far = [(d[1] - d[T // 2 :].mean()).item() for d in by_dist]
         off = [((s.sum() - s.diagonal().sum()) / (T * T - T)).item() for s in sims]
         outcome.record("near_minus_far_min", min(near_far), seed=seed)
         outcome.record("anisotropy_growth", off[-1] - off[0], seed=seed)
         if seed == min(baby_runs):
-            outcome.plot("similarity", heatmap_grid([[s.numpy() for s in sims]], col_labels=[f"depth {d}" for d in range(n + 1)],
-                                                    vmin=-1.0, vmax=1.0, cmap="RdBu_r", cell=2.2),
-                         caption=f"Seed {seed}: cosine similarity between positions (rows/columns: positions).")
-            outcome.plot_lines("by-distance", {f"depth {d}": (list(range(T)), by_dist[d].numpy()) for d in range(n + 1)},
-                               xlabel="distance |i - j| (tokens)", ylabel="mean cosine similarity", title=f"seed {seed}")
+            outcome.plot(
+                "similarity",
+                heatmap_grid(
+                    [[s.numpy() for s in sims]],
+                    col_labels=[f"depth {d}" for d in range(n + 1)],
+                    vmin=-1.0,
+                    vmax=1.0,
+                    cmap="RdBu_r",
+                    cell=2.2,
+                ),
+                caption=f"Seed {seed}: cosine similarity between positions (rows/columns: positions).",
+            )
+            outcome.plot_lines(
+                "by-distance",
+                {f"depth {d}": (list(range(T)), by_dist[d].numpy()) for d in range(n + 1)},
+                xlabel="distance |i - j| (tokens)",
+                ylabel="mean cosine similarity",
+                title=f"seed {seed}",
+            )
 
 
 PROPERTIES = {
     # property: (best_depth_fraction expectation, selectivity expectation, why)
-    "is_vowel": (at_most(0.0), between(-0.05, 0.05),
-                 "a property of the token itself: best read at the embedding, and a type-level control task is just as learnable (selectivity within 0.05 of 0)"),
-    "previous_char": (at_least(0.25), greater_than(0.1),
-                      "needs attention to the previous position: best read after block 1 or later, selective (> 0.1)"),
-    "line_position": (at_least(0.5), greater_than(0.1),
-                      "needs counting back to the newline: best read in the later half of the blocks, selective (> 0.1)"),
-    "word_end": (at_least(1.0), greater_than(0.05),
-                 "depends on the next character: best read at the last block, where the model predicts it, selective (> 0.05)"),
+    "is_vowel": (
+        at_most(0.0),
+        between(-0.05, 0.05),
+        "a property of the token itself: best read at the embedding, and a type-level control task is just as learnable (selectivity within 0.05 of 0)",
+    ),
+    "previous_char": (
+        at_least(0.25),
+        greater_than(0.1),
+        "needs attention to the previous position: best read after block 1 or later, selective (> 0.1)",
+    ),
+    "line_position": (
+        at_least(0.5),
+        greater_than(0.1),
+        "needs counting back to the newline: best read in the later half of the blocks, selective (> 0.1)",
+    ),
+    "word_end": (
+        at_least(1.0),
+        greater_than(0.05),
+        "depends on the next character: best read at the last block, where the model predicts it, selective (> 0.05)",
+    ),
 }
 
 
 def _probe_params():
     params = []
     for prop, (depth_exp, sel_exp, why) in PROPERTIES.items():
-        params.append(pytest.param(prop, marks=[
-            prediction(f"{prop}: {why} (best depth)", metric="best_depth_fraction", expect=depth_exp),
-            prediction(f"{prop}: {why} (selectivity at the best depth)", metric="selectivity", expect=sel_exp),
-        ]))
+        params.append(
+            pytest.param(
+                prop,
+                marks=[
+                    prediction(f"{prop}: {why} (best depth)", metric="best_depth_fraction", expect=depth_exp),
+                    prediction(f"{prop}: {why} (selectivity at the best depth)", metric="selectivity", expect=sel_exp),
+                ],
+            )
+        )
     return params
 
 
@@ -213,8 +277,10 @@ def test_linear_probes(lab, baby_runs, char_data, prop, outcome):
         keep = {k: ys[k] >= 0 for k in split}
         ys = {k: ys[k][keep[k]] for k in split}
         types = {k: idx[sl].reshape(-1)[keep[k]] for k, sl in split.items()}
-        ctrl_all = control_labels(torch.cat([types["train"], types["test"]]), torch.cat([ys["train"], ys["test"]]), seed=seed)
-        ctrl = {"train": ctrl_all[: len(ys["train"])], "test": ctrl_all[len(ys["train"]):]}
+        ctrl_all = control_labels(
+            torch.cat([types["train"], types["test"]]), torch.cat([ys["train"], ys["test"]]), seed=seed
+        )
+        ctrl = {"train": ctrl_all[: len(ys["train"])], "test": ctrl_all[len(ys["train"]) :]}
         acc, ctl = [], []
         for name in stream_names(n):
             feats = {k: cache[name][sl].reshape(-1, cache[name].size(-1))[keep[k]] for k, sl in split.items()}
@@ -230,15 +296,26 @@ def test_linear_probes(lab, baby_runs, char_data, prop, outcome):
         outcome.record("majority_baseline", real.majority, seed=seed)
         curves[f"probe, seed {seed}"] = (list(range(n + 1)), acc)
         curves[f"control, seed {seed}"] = (list(range(n + 1)), ctl)
-    outcome.note("The control task is a function of the current character alone (65 types), so any layer that keeps "
-                 "the character's identity can learn it; control_accuracy near 1 makes selectivity a comparison "
-                 "with 'decode the current character', not with chance.")
-    outcome.plot_lines("accuracy-by-depth", curves, xlabel="depth (0 = embedding, i = after block i)",
-                       ylabel="held-out accuracy", title=f"probing {prop}", hlines={"majority label": real.majority})
+    outcome.note(
+        "The control task is a function of the current character alone (65 types), so any layer that keeps "
+        "the character's identity can learn it; control_accuracy near 1 makes selectivity a comparison "
+        "with 'decode the current character', not with chance."
+    )
+    outcome.plot_lines(
+        "accuracy-by-depth",
+        curves,
+        xlabel="depth (0 = embedding, i = after block i)",
+        ylabel="held-out accuracy",
+        title=f"probing {prop}",
+        hlines={"majority label": real.majority},
+    )
 
 
-@prediction("A few directions dominate: at every depth the top 10% of principal components explain at least half the variance",
-            metric="min_top10pct_explained", expect=at_least(0.5))
+@prediction(
+    "A few directions dominate: at every depth the top 10% of principal components explain at least half the variance",
+    metric="min_top10pct_explained",
+    expect=at_least(0.5),
+)
 def test_pca(baby_runs, inspect_windows, char_data, outcome):
     """PCA of the residual stream per layer.
 
@@ -261,18 +338,33 @@ def test_pca(baby_runs, inspect_windows, char_data, outcome):
         outcome.record("dims_for_90pct_last", fits[-1].dims_for(0.9), seed=seed)
         if seed == min(baby_runs):
             curves = {f"depth {i}": (list(range(1, d + 1)), p.explained.cumsum(0).numpy()) for i, p in enumerate(fits)}
-            outcome.plot_lines("explained", curves, xlabel="principal components", ylabel="cumulative explained variance",
-                               title=f"seed {seed}", logx=True)
+            outcome.plot_lines(
+                "explained",
+                curves,
+                xlabel="principal components",
+                ylabel="cumulative explained variance",
+                title=f"seed {seed}",
+                logx=True,
+            )
             shown = line >= 0
             pts = [p.project(f)[shown].numpy() for p, f in zip(fits, feats)]
-            outcome.plot("projections", scatter_grid(pts, [line[shown].numpy()] * len(pts),
-                                                     titles=[f"depth {i}" for i in range(n + 1)],
-                                                     label="line-position bin (0: < 8 chars ... 3: >= 32)"),
-                         caption="Each token's stream on its depth's top two principal components.")
+            outcome.plot(
+                "projections",
+                scatter_grid(
+                    pts,
+                    [line[shown].numpy()] * len(pts),
+                    titles=[f"depth {i}" for i in range(n + 1)],
+                    label="line-position bin (0: < 8 chars ... 3: >= 32)",
+                ),
+                caption="Each token's stream on its depth's top two principal components.",
+            )
 
 
-@prediction("Logit lens: decoding each depth's stream with the final norm and unembedding, the loss falls at every block",
-            metric="monotone_fraction", expect=at_least(1.0))
+@prediction(
+    "Logit lens: decoding each depth's stream with the final norm and unembedding, the loss falls at every block",
+    metric="monotone_fraction",
+    expect=at_least(1.0),
+)
 def test_logit_lens(baby_runs, inspect_windows, char_data, outcome):
     """Logit lens.
 
@@ -289,5 +381,11 @@ def test_logit_lens(baby_runs, inspect_windows, char_data, outcome):
         outcome.record("embedding_loss", losses[0], seed=seed, unit="nats")
         outcome.record("final_loss", losses[-1], seed=seed, unit="nats")
         curves[f"seed {seed}"] = (list(range(len(losses))), losses)
-    outcome.plot_lines("lens", curves, xlabel="depth (0 = embedding, i = after block i)", ylabel="loss (nats/char)",
-                       title="logit lens", hlines={"ln V (uniform guess)": float(np.log(char_data.vocab_size))})
+    outcome.plot_lines(
+        "lens",
+        curves,
+        xlabel="depth (0 = embedding, i = after block i)",
+        ylabel="loss (nats/char)",
+        title="logit lens",
+        hlines={"ln V (uniform guess)": float(np.log(char_data.vocab_size))},
+    )

@@ -59,8 +59,9 @@ def tunnel_runs(lab, tunnels):
         keep = tuple(s for s in b.kept_steps if s <= steps) if kind == "transformer" else ()
         runs = {}
         for seed in lab.seeds:
-            cfg = TunnelTrainConfig(steps=steps, batch_size=b.batch_size, lr=b.lr, warmup_steps=b.warmup_steps,
-                                    seed=seed, keep_steps=keep)
+            cfg = TunnelTrainConfig(
+                steps=steps, batch_size=b.batch_size, lr=b.lr, warmup_steps=b.warmup_steps, seed=seed, keep_steps=keep
+            )
             runs[seed] = train_tunnel(task, build, cfg, progress=lab.progress)
         cache[(name, kind)] = runs
         return runs

@@ -31,8 +31,10 @@ from lab.windtunnel.tasks import entropy_bits, uniform_floor_bits
 
 pytestmark = pytest.mark.track_d
 
-SCALE_NOTE = ("Scale: the paper trains 6 layers x 6 heads x d192 (2.7M parameters) for 50k-150k steps on V=20 "
-              "(HMM: 9 layers x d256); this profile's sizes are in lab/profiles.py (BayesScale).")
+SCALE_NOTE = (
+    "Scale: the paper trains 6 layers x 6 heads x d192 (2.7M parameters) for 50k-150k steps on V=20 "
+    "(HMM: 9 layers x d256); this profile's sizes are in lab/profiles.py (BayesScale)."
+)
 
 
 def _plateau_note(outcome, runs, task) -> None:
@@ -41,10 +43,12 @@ def _plateau_note(outcome, runs, task) -> None:
     c = task.n_classes
     final = [np.mean([h["loss"] for h in r.history[-10:]]) for r in runs.values()]
     if all(abs(f - math.log(c)) < 0.01 for f in final):
-        outcome.note(f"Training failed: every seed's training loss ended at ln {c} = {math.log(c):.3f} nats "
-                     f"(final {', '.join(f'{f:.3f}' for f in final)}), a uniform guess over all {c} answers. "
-                     "These models never left the plateau within the profile's steps, so measurements of their "
-                     "mechanism describe an untrained predictor.")
+        outcome.note(
+            f"Training failed: every seed's training loss ended at ln {c} = {math.log(c):.3f} nats "
+            f"(final {', '.join(f'{f:.3f}' for f in final)}), a uniform guess over all {c} answers. "
+            "These models never left the plateau within the profile's steps, so measurements of their "
+            "mechanism describe an untrained predictor."
+        )
 
 
 def _cal(run, batch):
@@ -54,15 +58,30 @@ def _cal(run, batch):
 @pytest.mark.parametrize(
     "task",
     [
-        pytest.param("bijection", marks=prediction(
-            "Bijection: predictive entropy matches the Bayes entropy to <= 0.05 bits MAE (paper: 0.003-0.007 bits at ~20x our size and steps, so we allow an order of magnitude more)",
-            metric="entropy_mae", expect=at_most(0.05))),
-        pytest.param("bijection-repl", marks=prediction(
-            "Bijection with repeated keys (entropy varies within a position): MAE <= 0.05 bits",
-            metric="entropy_mae", expect=at_most(0.05))),
-        pytest.param("hmm", marks=prediction(
-            "HMM filtering: predictive entropy matches the forward-algorithm posterior's to <= 0.1 bits MAE (paper: 7.5e-5 bits at K=20 with a 9-layer d256 model; ours is far smaller)",
-            metric="entropy_mae", expect=at_most(0.1))),
+        pytest.param(
+            "bijection",
+            marks=prediction(
+                "Bijection: predictive entropy matches the Bayes entropy to <= 0.05 bits MAE (paper: 0.003-0.007 bits at ~20x our size and steps, so we allow an order of magnitude more)",
+                metric="entropy_mae",
+                expect=at_most(0.05),
+            ),
+        ),
+        pytest.param(
+            "bijection-repl",
+            marks=prediction(
+                "Bijection with repeated keys (entropy varies within a position): MAE <= 0.05 bits",
+                metric="entropy_mae",
+                expect=at_most(0.05),
+            ),
+        ),
+        pytest.param(
+            "hmm",
+            marks=prediction(
+                "HMM filtering: predictive entropy matches the forward-algorithm posterior's to <= 0.1 bits MAE (paper: 7.5e-5 bits at K=20 with a 9-layer d256 model; ours is far smaller)",
+                metric="entropy_mae",
+                expect=at_most(0.1),
+            ),
+        ),
     ],
 )
 def test_calibration(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
@@ -95,25 +114,51 @@ def test_calibration(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
             outcome.record("mae_uncertain_positions", err[~certain].mean().item(), seed=seed, unit="bits")
         per.append(cal.per_position)
     xs = list(range(1, len(per[0]["bayes_entropy"]) + 1))
-    lines = {"Bayes posterior": (xs, per[0]["bayes_entropy"]),
-             "transformer (mean over seeds)": (xs, np.mean([p["model_entropy"] for p in per], axis=0))}
-    outcome.plot_lines("entropy-by-position", lines, xlabel="scored position (key / observation)",
-                       ylabel="mean predictive entropy (bits)", title=f"{tunnels[task].name}: model vs Bayes")
-    outcome.plot_lines("error-by-position", {"|H_model - H_Bayes|": (xs, np.mean([p["abs_error"] for p in per], axis=0))},
-                       xlabel="scored position", ylabel="mean abs entropy error (bits)", logy=True, title="per-position error")
+    lines = {
+        "Bayes posterior": (xs, per[0]["bayes_entropy"]),
+        "transformer (mean over seeds)": (xs, np.mean([p["model_entropy"] for p in per], axis=0)),
+    }
+    outcome.plot_lines(
+        "entropy-by-position",
+        lines,
+        xlabel="scored position (key / observation)",
+        ylabel="mean predictive entropy (bits)",
+        title=f"{tunnels[task].name}: model vs Bayes",
+    )
+    outcome.plot_lines(
+        "error-by-position",
+        {"|H_model - H_Bayes|": (xs, np.mean([p["abs_error"] for p in per], axis=0))},
+        xlabel="scored position",
+        ylabel="mean abs entropy error (bits)",
+        logy=True,
+        title="per-position error",
+    )
     paper = {"bijection": "0.003-0.007 (V=20)", "bijection-repl": "not reported", "hmm": "7.5e-5 (K=20)"}[task]
-    outcome.table("paper-vs-ours", [{"quantity": "entropy MAE (bits)", "paper": paper,
-                                     "ours (mean over seeds)": f"{np.mean([_cal(r, batch).entropy_mae for r in runs.values()]):.4g}"}])
+    outcome.table(
+        "paper-vs-ours",
+        [
+            {
+                "quantity": "entropy MAE (bits)",
+                "paper": paper,
+                "ours (mean over seeds)": f"{np.mean([_cal(r, batch).entropy_mae for r in runs.values()]):.4g}",
+            }
+        ],
+    )
     outcome.note(SCALE_NOTE)
     if task.startswith("bijection"):
-        outcome.note("mae uses the softmax over the V value tokens; leaked_mass is what the full-vocabulary softmax "
-                     "puts on other tokens. mae_of_means (|mean H_model - mean H_Bayes| per position, averaged) is "
-                     "the quantity the authors' evaluation code reports; entropy_mae is stricter.")
+        outcome.note(
+            "mae uses the softmax over the V value tokens; leaked_mass is what the full-vocabulary softmax "
+            "puts on other tokens. mae_of_means (|mean H_model - mean H_Bayes| per position, averaged) is "
+            "the quantity the authors' evaluation code reports; entropy_mae is stricter."
+        )
 
 
 @pytest.mark.parametrize("task", ["bijection", "hmm"])
-@prediction("Architectural separation: a capacity-matched MLP's entropy MAE is at least 10x the transformer's",
-            metric="mlp_over_transformer", expect=at_least(10))
+@prediction(
+    "Architectural separation: a capacity-matched MLP's entropy MAE is at least 10x the transformer's",
+    metric="mlp_over_transformer",
+    expect=at_least(10),
+)
 def test_mlp_separation(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
     """Transformer vs capacity-matched MLP.
 
@@ -141,13 +186,18 @@ def test_mlp_separation(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
     outcome.note(f"Paper: {paper}. The paper does not say how its MLP sees the context; ours gets the whole prefix.")
     if task == "bijection":
         t = tunnels[task]
-        outcome.note(f"A uniform guess over all {t.n_values} values scores {uniform_floor_bits(t.n_values, t.n_keys):.3f} bits "
-                     "(the context-blind floor).")
+        outcome.note(
+            f"A uniform guess over all {t.n_values} values scores {uniform_floor_bits(t.n_values, t.n_keys):.3f} bits "
+            "(the context-blind floor)."
+        )
 
 
 @pytest.mark.parametrize("task", ["bijection", "hmm"])
-@prediction("KL(Bayes || model) is smaller for the transformer than for the MLP (mean over positions)",
-            metric="kl_transformer", expect=less_than("kl_mlp"))
+@prediction(
+    "KL(Bayes || model) is smaller for the transformer than for the MLP (mean over positions)",
+    metric="kl_transformer",
+    expect=less_than("kl_mlp"),
+)
 def test_kl_by_position(lab, tunnel_runs, tunnel_eval, task, outcome):
     """KL divergence from the Bayes posterior, per position.
 
@@ -165,15 +215,27 @@ def test_kl_by_position(lab, tunnel_runs, tunnel_eval, task, outcome):
             per.append(cal.per_position["kl"])
         mean = np.mean(per, axis=0)
         curves[kind] = (list(range(1, len(mean) + 1)), np.maximum(mean, 1e-6))
-    outcome.plot_lines("kl-by-position", curves, xlabel="scored position", ylabel="KL(Bayes || model), bits (mean over seeds)",
-                       logy=True, title=f"{task}: distance from the exact posterior")
+    outcome.plot_lines(
+        "kl-by-position",
+        curves,
+        xlabel="scored position",
+        ylabel="KL(Bayes || model), bits (mean over seeds)",
+        logy=True,
+        title=f"{task}: distance from the exact posterior",
+    )
 
 
 @pytest.mark.parametrize("task", ["bijection-repl", "hmm"])
-@prediction("The FFN performs the posterior update: zero-ablating a layer's FFN raises the entropy MAE more than zero-ablating its attention (mean over layers)",
-            metric="ffn_minus_attn_damage", expect=greater_than(0))
-@prediction("A linear probe for the Bayes entropy gains more R^2 across the FFNs than across the attention sub-layers (summed over blocks)",
-            metric="ffn_gain_minus_attn_gain", expect=greater_than(0))
+@prediction(
+    "The FFN performs the posterior update: zero-ablating a layer's FFN raises the entropy MAE more than zero-ablating its attention (mean over layers)",
+    metric="ffn_minus_attn_damage",
+    expect=greater_than(0),
+)
+@prediction(
+    "A linear probe for the Bayes entropy gains more R^2 across the FFNs than across the attention sub-layers (summed over blocks)",
+    metric="ffn_gain_minus_attn_gain",
+    expect=greater_than(0),
+)
 def test_ffn_performs_update(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
     """Which sub-layer does the posterior update.
 
@@ -198,7 +260,12 @@ def test_ffn_performs_update(lab, tunnels, tunnel_runs, tunnel_eval, task, outco
         clean = z["clean"][0]
         attn, ffn = np.array(z["attn"]) - clean, np.array(z["mlp"]) - clean
         outcome.record("ffn_minus_attn_damage", float((ffn - attn).mean()), seed=seed, unit="bits")
-        outcome.record("mean_ablation_ffn_minus_attn", float((np.array(mz["mlp"]) - np.array(mz["attn"])).mean()), seed=seed, unit="bits")
+        outcome.record(
+            "mean_ablation_ffn_minus_attn",
+            float((np.array(mz["mlp"]) - np.array(mz["attn"])).mean()),
+            seed=seed,
+            unit="bits",
+        )
         dmg_rows.append((attn, ffn))
         r2 = entropy_probe(run.model, batch)
         n_layer = run.model.gpt.config.n_layer
@@ -209,20 +276,36 @@ def test_ffn_performs_update(lab, tunnels, tunnel_runs, tunnel_eval, task, outco
     attn = np.mean([a for a, _ in dmg_rows], axis=0)
     ffn = np.mean([f for _, f in dmg_rows], axis=0)
     labels = [f"L{i} {p}" for i in range(len(attn)) for p in ("attn", "FFN")]
-    outcome.plot("ablation", bar_figure(labels, [v for pair in zip(attn, ffn) for v in pair],
-                                        ylabel="entropy MAE increase (bits), mean over seeds", title=f"{task}: zero-ablating one sub-layer"))
-    outcome.note("Paper: states that the FFN performs the posterior update and attention routes; we found no test "
-                 "of it in its code, so both measurements here are our operationalisation (see the wind-tunnel guide).")
+    outcome.plot(
+        "ablation",
+        bar_figure(
+            labels,
+            [v for pair in zip(attn, ffn) for v in pair],
+            ylabel="entropy MAE increase (bits), mean over seeds",
+            title=f"{task}: zero-ablating one sub-layer",
+        ),
+    )
+    outcome.note(
+        "Paper: states that the FFN performs the posterior update and attention routes; we found no test "
+        "of it in its code, so both measurements here are our operationalisation (see the wind-tunnel guide)."
+    )
     names = ["embed"] + [f"L{i} {p}" for i in range(len(attn)) for p in ("attn", "FFN")]
-    fig = line_figure(r2_curves, xlabel="stream point (embed, then after each attention / FFN)",
-                      ylabel="probe R^2 for the Bayes entropy", title=f"{task}: where the entropy becomes readable")
+    fig = line_figure(
+        r2_curves,
+        xlabel="stream point (embed, then after each attention / FFN)",
+        ylabel="probe R^2 for the Bayes entropy",
+        title=f"{task}: where the entropy becomes readable",
+    )
     fig.axes[0].set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     outcome.plot("probe-r2", fig)
 
 
 @pytest.mark.parametrize("task", ["bijection", "bijection-repl"])
-@prediction("Keys form a near-orthogonal basis: after training, layer 0's keys for the key tokens are more orthogonal (lower mean |cos|) than at initialisation",
-            metric="key_cos", expect=less_than("key_cos_init"))
+@prediction(
+    "Keys form a near-orthogonal basis: after training, layer 0's keys for the key tokens are more orthogonal (lower mean |cos|) than at initialisation",
+    metric="key_cos",
+    expect=less_than("key_cos_init"),
+)
 def test_key_orthogonality(lab, tunnels, tunnel_runs, task, outcome):
     """Key orthogonality (the paper's 'orthogonal hypothesis frame').
 
@@ -254,13 +337,18 @@ def test_key_orthogonality(lab, tunnels, tunnel_runs, task, outcome):
     ax.set_ylabel("count")
     ax.set_title(task)
     ax.legend(fontsize=8)
-    outcome.plot("key-cosines", fig, caption="The paper's counterpart: layer-0 mean |cos| 0.052 vs 0.082 for random vectors.")
+    outcome.plot(
+        "key-cosines", fig, caption="The paper's counterpart: layer-0 mean |cos| 0.052 vs 0.082 for random vectors."
+    )
     outcome.note("Paper (v3): layer-0 mean |cos| 0.052 vs 0.082 for random vectors.")
 
 
 @pytest.mark.parametrize("task", ["bijection", "hmm"])
-@prediction("Query-key alignment sharpens with depth: attention entropy at the scored positions is lower in the last layer than in the first",
-            metric="entropy_first_minus_last", expect=greater_than(0))
+@prediction(
+    "Query-key alignment sharpens with depth: attention entropy at the scored positions is lower in the last layer than in the first",
+    metric="entropy_first_minus_last",
+    expect=greater_than(0),
+)
 def test_attention_sharpens_with_depth(lab, tunnel_runs, tunnel_eval, task, outcome):
     """Attention focus by depth.
 
@@ -274,13 +362,18 @@ def test_attention_sharpens_with_depth(lab, tunnel_runs, tunnel_eval, task, outc
         outcome.record("entropy_first_minus_last", h[0] - h[-1], seed=seed, unit="bits")
         curves[f"seed {seed}"] = (list(range(len(h))), h)
     outcome.plot_lines("entropy-by-layer", curves, xlabel="layer", ylabel="attention entropy (bits)", title=task)
-    outcome.note("Paper: query-key cosine heatmaps by layer (layer 0 diffuse, the last layer concentrated on the keys "
-                 "consistent with the context); its companion paper reports an 85-90% entropy reduction across layers.")
+    outcome.note(
+        "Paper: query-key cosine heatmaps by layer (layer 0 diffuse, the last layer concentrated on the keys "
+        "consistent with the context); its companion paper reports an 85-90% entropy reduction across layers."
+    )
 
 
 @pytest.mark.parametrize("task", ["bijection-repl", "hmm"])
-@prediction("The representation lies on a manifold parameterised by posterior entropy: |Spearman rho| between the last layer's first principal component and the Bayes entropy >= 0.7",
-            metric="rho", expect=at_least(0.7))
+@prediction(
+    "The representation lies on a manifold parameterised by posterior entropy: |Spearman rho| between the last layer's first principal component and the Bayes entropy >= 0.7",
+    metric="rho",
+    expect=at_least(0.7),
+)
 def test_entropy_manifold(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
     """The entropy manifold.
 
@@ -291,7 +384,9 @@ def test_entropy_manifold(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome)
     coloured by Bayes entropy.
     """
     batch = tunnel_eval[task]
-    sub = type(batch)(batch.tokens[:500], batch.positions, batch.targets[:500], batch.posterior[:500], batch.entropy[:500])
+    sub = type(batch)(
+        batch.tokens[:500], batch.positions, batch.targets[:500], batch.posterior[:500], batch.entropy[:500]
+    )
     shown = None
     _plateau_note(outcome, tunnel_runs(task), tunnels[task])
     for seed, run in tunnel_runs(task).items():
@@ -302,14 +397,21 @@ def test_entropy_manifold(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome)
         outcome.record("pc1_share", m["pc1_share"], seed=seed)
         if shown is None:
             shown = m
-    outcome.plot("manifold", scatter_grid([shown["points"]], [shown["entropy"]], titles=[f"{task}, seed {lab.seeds[0]}"],
-                                          label="Bayes entropy (bits)"),
-                 caption="Each point: one scored position of one sequence, on the last layer's PC1 / PC2.")
+    outcome.plot(
+        "manifold",
+        scatter_grid(
+            [shown["points"]], [shown["entropy"]], titles=[f"{task}, seed {lab.seeds[0]}"], label="Bayes entropy (bits)"
+        ),
+        caption="Each point: one scored position of one sequence, on the last layer's PC1 / PC2.",
+    )
     outcome.note("Paper: PC1 explains 84-90% of the value representations' variance and orders them by entropy.")
 
 
-@prediction("Frame before precision: when the attention patterns have settled (drift to the final model <= 10% of the drift at initialisation), the entropy MAE is still at least 5x its final value",
-            metric="mae_ratio_at_frame", expect=at_least(5))
+@prediction(
+    "Frame before precision: when the attention patterns have settled (drift to the final model <= 10% of the drift at initialisation), the entropy MAE is still at least 5x its final value",
+    metric="mae_ratio_at_frame",
+    expect=at_least(5),
+)
 def test_frame_precision(lab, tunnel_runs, tunnel_eval, outcome):
     """Frame-precision dissociation over training (bijection).
 
@@ -333,10 +435,25 @@ def test_frame_precision(lab, tunnel_runs, tunnel_eval, outcome):
         xs = [max(s, 1) for s in steps]
         drift_lines[f"seed {seed}"] = (xs, [drifts[s] for s in steps])
         mae_lines[f"seed {seed}"] = (xs, [maes[s] for s in steps])
-    outcome.plot_lines("attention-drift", drift_lines, xlabel="training step (0 shown at 1)",
-                       ylabel="JS divergence to final attention (nats)", logx=True, title="the frame settles")
-    outcome.note("Paper: attention maps stabilise early while the value manifold keeps refining (figures at 100k vs "
-                 "150k steps); the authors' later note: the attention frame plateaus by step 2.5k while the MAE is "
-                 "0.03 bits and then falls about 40x more over 47k steps.")
-    outcome.plot_lines("precision", mae_lines, xlabel="training step (0 shown at 1)", ylabel="entropy MAE (bits)",
-                       logx=True, logy=True, title="precision keeps improving")
+    outcome.plot_lines(
+        "attention-drift",
+        drift_lines,
+        xlabel="training step (0 shown at 1)",
+        ylabel="JS divergence to final attention (nats)",
+        logx=True,
+        title="the frame settles",
+    )
+    outcome.note(
+        "Paper: attention maps stabilise early while the value manifold keeps refining (figures at 100k vs "
+        "150k steps); the authors' later note: the attention frame plateaus by step 2.5k while the MAE is "
+        "0.03 bits and then falls about 40x more over 47k steps."
+    )
+    outcome.plot_lines(
+        "precision",
+        mae_lines,
+        xlabel="training step (0 shown at 1)",
+        ylabel="entropy MAE (bits)",
+        logx=True,
+        logy=True,
+        title="precision keeps improving",
+    )

@@ -1,8 +1,8 @@
 """Corpora, token arrays, batches and reference statistics.
 
-    text = load_corpus("tinyshakespeare")
-    data = prepare("tinyshakespeare", "char")          # TokenData, cached on disk
-    x, y = get_batch(data.train, 256, 64, generator)   # int64 (64, 256) each
+text = load_corpus("tinyshakespeare")
+data = prepare("tinyshakespeare", "char")          # TokenData, cached on disk
+x, y = get_batch(data.train, 256, 64, generator)   # int64 (64, 256) each
 """
 
 from lab.data.corpora import (

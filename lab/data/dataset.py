@@ -1,7 +1,7 @@
 """From a corpus to token arrays and training batches (nanoGPT's prepare.py + get_batch).
 
-    data = prepare("tinyshakespeare", get_tokenizer("char", text=load_corpus("tinyshakespeare")))
-    x, y = get_batch(data.train, block_size=256, batch_size=64, generator=g)
+data = prepare("tinyshakespeare", get_tokenizer("char", text=load_corpus("tinyshakespeare")))
+x, y = get_batch(data.train, block_size=256, batch_size=64, generator=g)
 """
 
 from __future__ import annotations
@@ -83,8 +83,14 @@ class TokenData:
         """A cache key for anything derived from this data (e.g. a trained model)."""
         key = "|".join(
             str(part)
-            for part in (self.fingerprint or self.corpus, self.tokenizer.identity,
-                         self.train_chars, self.val_chars, len(self.train), len(self.val))
+            for part in (
+                self.fingerprint or self.corpus,
+                self.tokenizer.identity,
+                self.train_chars,
+                self.val_chars,
+                len(self.train),
+                len(self.val),
+            )
         )
         return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
@@ -188,8 +194,9 @@ def get_batch(
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     _check_long_enough(data, block_size)
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator,
-                           device=generator.device).cpu().numpy()
+    starts = (
+        torch.randint(len(data) - block_size, (batch_size,), generator=generator, device=generator.device).cpu().numpy()
+    )
     windows = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
     x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
     y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
@@ -232,8 +239,11 @@ class SlidingWindowDataset(torch.utils.data.Dataset):
 
 
 def _check_fraction(name: str, value, *, allow_one: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value and (
-        value <= 1 if allow_one else value < 1
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and 0 < value
+        and (value <= 1 if allow_one else value < 1)
     )
     if not ok:
         expected = "0 < x <= 1" if allow_one else "0 < x < 1"

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -401,9 +402,7 @@ class ActivationCache(dict):
 
     def stack(self, point: str) -> torch.Tensor:
         """(layers, ...) tensor of blocks.{i}.{point} for every captured layer i, in order."""
-        keys = sorted(
-            (int(m.group(1)), k) for k in self if (m := _BLOCK.match(k)) and m.group(2) == point
-        )
+        keys = sorted((int(m.group(1)), k) for k in self if (m := _BLOCK.match(k)) and m.group(2) == point)
         if not keys:
             raise KeyError(f"no blocks.*.{point} in this cache (captured: {sorted(self)})")
         return torch.stack([self[k] for _, k in keys])

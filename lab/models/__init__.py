@@ -8,6 +8,15 @@ from lab.models.hf import ModelUnavailableError, export_hf, load_hf_causal_lm, l
 from lab.models.sampling import filter_top_k, filter_top_p, sample_next
 
 __all__ = [
-    "GPT", "GPTConfig", "KVCache", "ModelUnavailableError", "export_hf", "filter_top_k",
-    "filter_top_p", "load_hf_causal_lm", "load_lab_from_hf", "mean_pool_kv_heads", "sample_next",
+    "GPT",
+    "GPTConfig",
+    "KVCache",
+    "ModelUnavailableError",
+    "export_hf",
+    "filter_top_k",
+    "filter_top_p",
+    "load_hf_causal_lm",
+    "load_lab_from_hf",
+    "mean_pool_kv_heads",
+    "sample_next",
 ]

@@ -126,8 +126,7 @@ class KVCache:
             mine, theirs = self.config.to_dict(), config.to_dict()
             diff = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise ValueError(
-                f"cache was built for a model with config {{{_show(mine, diff)}}}, "
-                f"got {{{_show(theirs, diff)}}}"
+                f"cache was built for a model with config {{{_show(mine, diff)}}}, got {{{_show(theirs, diff)}}}"
             )
         if self._owner is not None and self._owner is not owner:
             raise ValueError(
@@ -135,9 +134,7 @@ class KVCache:
                 f"{config.describe()}); make one with model.new_cache()"
             )
         if batch_size != self.batch_size:
-            raise ValueError(
-                f"cache was built for batch_size={self.batch_size}, got a batch of {batch_size}"
-            )
+            raise ValueError(f"cache was built for batch_size={self.batch_size}, got a batch of {batch_size}")
         if idx.device != self.k.device:
             raise ValueError(f"cache lives on {self.k.device}, got idx on {idx.device}")
         if self.max_len is not None and self._length + n_new > self.max_len:
@@ -148,8 +145,7 @@ class KVCache:
                     f"window: the cache holds {self._length} tokens, {n_new} more make {total}"
                 )
             raise ValueError(
-                f"cache max_len={self.max_len} exceeded: it holds {self._length} tokens, "
-                f"{n_new} more make {total}"
+                f"cache max_len={self.max_len} exceeded: it holds {self._length} tokens, {n_new} more make {total}"
             )
         self._owner = owner
 

@@ -31,7 +31,9 @@ def mean_pool_kv_heads(model: GPT, n_kv_head: int) -> GPT:
                 continue
             w = state[key]
             q, k, v = w.split(cfg.n_embd, dim=0)
-            pool = lambda t: t.view(n_kv_head, n_head // n_kv_head, hd, *t.shape[1:]).mean(1).reshape(n_kv_head * hd, *t.shape[1:])
+            pool = lambda t: (
+                t.view(n_kv_head, n_head // n_kv_head, hd, *t.shape[1:]).mean(1).reshape(n_kv_head * hd, *t.shape[1:])
+            )
             state[key] = torch.cat([q, pool(k), pool(v)], dim=0)
     new.load_state_dict(state)
     return new.eval()

@@ -34,12 +34,7 @@ def _is_pos_int(value) -> bool:
 
 
 def _is_pos_number(value) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -92,12 +87,8 @@ class GPTConfig:
             if value is not None and not _is_pos_int(value):
                 raise ValueError(f"GPTConfig.{name} must be None or a positive int, got {value!r}")
         if self.n_head % self.kv_heads != 0:
-            raise ValueError(
-                f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
-            )
-        for name, allowed in (
-            ("pos", POSITIONS), ("norm", NORMS), ("mlp", MLPS), ("norm_position", NORM_POSITIONS)
-        ):
+            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        for name, allowed in (("pos", POSITIONS), ("norm", NORMS), ("mlp", MLPS), ("norm_position", NORM_POSITIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -120,9 +111,7 @@ class GPTConfig:
         ):
             raise ValueError(f"GPTConfig.moe_aux_weight must be a finite number >= 0, got {self.moe_aux_weight!r}")
         if self.pos == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(
-                f"GPTConfig.pos='rope' needs an even head size n_embd/n_head, got {self.head_dim}"
-            )
+            raise ValueError(f"GPTConfig.pos='rope' needs an even head size n_embd/n_head, got {self.head_dim}")
         if self.pos == "sinusoidal" and self.n_embd % 2 != 0:
             raise ValueError(f"GPTConfig.pos='sinusoidal' needs an even n_embd, got {self.n_embd}")
         if self.sliding_window is not None and self.pos == "learned":
@@ -289,9 +278,7 @@ class CausalSelfAttention(nn.Module):
         self.keep_pattern = False
         self.pattern: torch.Tensor | None = None
         # one fused projection laid out [q (n_head) | k (n_kv_head) | v (n_kv_head)] heads
-        self.c_attn = nn.Linear(
-            config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias
-        )
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -577,17 +564,14 @@ class GPT(nn.Module):
         # out-of-range ids would otherwise be an opaque IndexError (or a CUDA assert)
         if bool(((idx < 0) | (idx >= self.config.vocab_size)).any()):
             raise ValueError(
-                f"idx holds token ids outside [0, {self.config.vocab_size}): "
-                f"min {int(idx.min())}, max {int(idx.max())}"
+                f"idx holds token ids outside [0, {self.config.vocab_size}): min {int(idx.min())}, max {int(idx.max())}"
             )
 
     def _check_tokens(self, idx, cache):
         self._check_idx(idx)
         T = idx.size(1)
         if T > self.config.block_size:
-            raise ValueError(
-                f"sequence length T={T} exceeds the model's block_size={self.config.block_size}"
-            )
+            raise ValueError(f"sequence length T={T} exceeds the model's block_size={self.config.block_size}")
         self._check_vocab(idx)
         if cache is not None:
             if not isinstance(cache, KVCache):
@@ -619,15 +603,11 @@ class GPT(nn.Module):
         if targets is not None:
             self._check_idx(targets, "targets")
             if targets.shape != idx.shape:
-                raise ValueError(
-                    f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}"
-                )
+                raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         logits = self.lm_head(self._hidden(idx, cache, prefix_len))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
-            )
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
@@ -672,7 +652,9 @@ class GPT(nn.Module):
         if cache is None:
             attn_mask = band_mask(T, config.sliding_window, idx.device)
             if prefix_len is not None:
-                visible = attn_mask if attn_mask is not None else torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+                visible = (
+                    attn_mask if attn_mask is not None else torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+                )
                 in_prefix = torch.arange(T, device=idx.device) < prefix_len.unsqueeze(1)  # (B, keys)
                 attn_mask = (visible | in_prefix.unsqueeze(1)).unsqueeze(1)  # (B, 1, T, T)
             is_causal = attn_mask is None

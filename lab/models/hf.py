@@ -190,9 +190,7 @@ def _hf_config(model: GPT, arch: str):
         **common,
     )
     if arch == "llama":
-        return transformers.LlamaConfig(
-            attention_bias=c.bias, mlp_bias=c.bias, pretraining_tp=1, **kwargs
-        )
+        return transformers.LlamaConfig(attention_bias=c.bias, mlp_bias=c.bias, pretraining_tp=1, **kwargs)
     return transformers.MistralConfig(sliding_window=s["sliding_window"], **kwargs)
 
 
@@ -297,8 +295,7 @@ def _to_hf_model(model: GPT, dtype=None):
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_weights)]
     if missing or unexpected:
         raise RuntimeError(
-            f"internal error mapping lab weights onto {cls.__name__}: "
-            f"missing {missing}, unexpected {unexpected}"
+            f"internal error mapping lab weights onto {cls.__name__}: missing {missing}, unexpected {unexpected}"
         )
     if model.config.tie_weights:
         hf.tie_weights()
@@ -532,6 +529,20 @@ _TOKENIZER_FILES = (
 )  # fmt: skip
 
 
+def portable_4bit(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep bitsandbytes' 4-bit layers on their portable CPU kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a faster kernel the
+    first time a layer runs in eval mode without gradients. That kernel needs widths
+    divisible by 64 (small lab models fail with a reshape error) and rounds the block
+    scales to bfloat16, so the same weights would give different numbers on different
+    machines. Returns the model."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_hf_causal_lm(
     name_or_path,
     *,
@@ -555,9 +566,7 @@ def load_hf_causal_lm(
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "load_hf_causal_lm needs the 'transformers' package: pip install transformers"
-        ) from e
+        raise ImportError("load_hf_causal_lm needs the 'transformers' package: pip install transformers") from e
 
     kwargs: dict = {"local_files_only": not _download_allowed()}
     if dtype is not None:
@@ -596,6 +605,8 @@ def load_hf_causal_lm(
         raise _unavailable(source, e) from e
     if quantization is None:
         model = model.to(device)
+    else:
+        portable_4bit(model)
     model.eval()
 
     tokenizer = None

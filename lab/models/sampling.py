@@ -19,9 +19,7 @@ def check_sampling_args(temperature, top_k, top_p) -> None:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (
-        not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1
-    ):
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 

@@ -44,12 +44,20 @@ def prediction(
     prediction that belongs to one parameter set. `{name}` in `text` is filled from the
     test's parameters. Several predictions on one test each get a verdict.
     """
-    return pytest.mark.lab_prediction(
-        Prediction(text, metric, expect, interval=interval, confidence=confidence)
-    )
+    return pytest.mark.lab_prediction(Prediction(text, metric, expect, interval=interval, confidence=confidence))
 
 
 __all__ = [
-    "CONFIRMED", "INCONCLUSIVE", "REFUTED", "Expectation", "Outcome", "Prediction",
-    "at_least", "at_most", "between", "greater_than", "less_than", "prediction",
+    "CONFIRMED",
+    "INCONCLUSIVE",
+    "REFUTED",
+    "Expectation",
+    "Outcome",
+    "Prediction",
+    "at_least",
+    "at_most",
+    "between",
+    "greater_than",
+    "less_than",
+    "prediction",
 ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 
 @dataclass
@@ -46,9 +46,7 @@ class Outcome:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         if (seed is None and samples) or (seed is not None and None in samples):
-            raise ValueError(
-                f"metric {metric!r} mixes per-seed and exact values; record it one way only"
-            )
+            raise ValueError(f"metric {metric!r} mixes per-seed and exact values; record it one way only")
         if seed in samples:
             raise ValueError(f"metric {metric!r} already recorded for seed {seed}")
         samples[seed] = v

@@ -91,20 +91,14 @@ def pytest_addoption(parser):
         default=None,
         help=f"results store (SQLite file); default $LAB_STORE or {DEFAULT_STORE}",
     )
-    group.addoption(
-        "--lab-seeds", default=None, help="comma-separated seeds overriding the profile's, e.g. 0,1,2"
-    )
-    group.addoption(
-        "--lab-strict", action="store_true", help="a refuted prediction fails its test"
-    )
+    group.addoption("--lab-seeds", default=None, help="comma-separated seeds overriding the profile's, e.g. 0,1,2")
+    group.addoption("--lab-strict", action="store_true", help="a refuted prediction fails its test")
     group.addoption(
         "--lab-site",
         action="store_true",
         help="after the run, regenerate the result pages under docs/ from the store",
     )
-    group.addoption(
-        "--lab-list", action="store_true", help="list hypotheses and their predictions; run nothing"
-    )
+    group.addoption("--lab-list", action="store_true", help="list hypotheses and their predictions; run nothing")
 
 
 def _parse_seeds(raw: str | None):
@@ -144,12 +138,9 @@ def pytest_configure(config):
 
         if not torch.cuda.is_available():
             raise pytest.UsageError(
-                f"profile {profile.name!r} needs CUDA, which is not available here; "
-                "use --lab-profile cpu or smoke"
+                f"profile {profile.name!r} needs CUDA, which is not available here; use --lab-profile cpu or smoke"
             )
-    store_path = Path(
-        config.getoption("--lab-store") or os.environ.get("LAB_STORE") or config.rootpath / DEFAULT_STORE
-    )
+    store_path = Path(config.getoption("--lab-store") or os.environ.get("LAB_STORE") or config.rootpath / DEFAULT_STORE)
     _check_writable(store_path)
     workerinput = getattr(config, "workerinput", None)
     state = LabState(
@@ -186,8 +177,7 @@ def _predictions(item) -> list[Prediction]:
     for mark in reversed(list(item.iter_markers("lab_prediction"))):
         if len(mark.args) != 1 or not isinstance(mark.args[0], Prediction):
             raise pytest.UsageError(
-                f"{item.nodeid}: use lab.report.prediction(...) to attach predictions, "
-                f"got mark args {mark.args!r}"
+                f"{item.nodeid}: use lab.report.prediction(...) to attach predictions, got mark args {mark.args!r}"
             )
         preds.append(mark.args[0])
     params = getattr(getattr(item, "callspec", None), "params", {})
@@ -292,8 +282,13 @@ def _benchmark_rows(item) -> list[dict]:
             "name": item.name,
             "group": bm.group,
             "params": getattr(getattr(item, "callspec", None), "params", {}),
-            "mean": stats.mean, "stddev": stats.stddev, "min": stats.min, "max": stats.max,
-            "median": stats.median, "rounds": stats.rounds, "extra": dict(bm.extra_info),
+            "mean": stats.mean,
+            "stddev": stats.stddev,
+            "min": stats.min,
+            "max": stats.max,
+            "median": stats.median,
+            "rounds": stats.rounds,
+            "extra": dict(bm.extra_info),
         }
     ]
 
@@ -335,8 +330,11 @@ def pytest_runtest_makereport(item, call):
             _fail(report, f"[lab] {error}")
             status = "failed"
         elif state.strict and any(j.verdict == REFUTED for j in judgements):
-            _fail(report, "[lab] --lab-strict: prediction refuted: " + "; ".join(
-                j.prediction.text for j in judgements if j.verdict == REFUTED))
+            _fail(
+                report,
+                "[lab] --lab-strict: prediction refuted: "
+                + "; ".join(j.prediction.text for j in judgements if j.verdict == REFUTED),
+            )
             status = "failed"
     else:
         error = _skip_reason(report) if report.skipped else _longrepr_text(report)
@@ -360,31 +358,46 @@ def pytest_runtest_makereport(item, call):
         peak_memory_bytes=getattr(item, "_lab_peak_memory", None),
         notes=list(out.notes) if out else [],
         units=dict(out.units) if out else {},
-        measurements=[(m, s, v) for m, samples in (out.measurements.items() if out else []) for s, v in samples.items()],
+        measurements=[
+            (m, s, v) for m, samples in (out.measurements.items() if out else []) for s, v in samples.items()
+        ],
         verdicts=[_verdict_row(i, j) for i, j in enumerate(judgements)],
         artifacts=[(a.name, a.kind, a.caption, a.data) for a in (out.artifacts if out else [])],
         benchmarks=_benchmark_rows(item),
     )
     state.get_store().add_result(record)
     report.user_properties.append(
-        (VERDICT_KEY, json.dumps({
-            "nodeid": item.nodeid,
-            "status": status,
-            "verdict": verdict,
-            "lines": [
-                f"{j.verdict.upper():<12} {j.prediction.text} -- {j.prediction.claim}: {j.interval.describe()}"
-                for j in judgements
-            ],
-        }))
+        (
+            VERDICT_KEY,
+            json.dumps(
+                {
+                    "nodeid": item.nodeid,
+                    "status": status,
+                    "verdict": verdict,
+                    "lines": [
+                        f"{j.verdict.upper():<12} {j.prediction.text} -- {j.prediction.claim}: {j.interval.describe()}"
+                        for j in judgements
+                    ],
+                }
+            ),
+        )
     )
 
 
 def _verdict_row(idx: int, j: Judgement) -> dict:
     return {
-        "idx": idx, "pred_hash": j.prediction.fingerprint(), "text": j.prediction.text,
-        "metric": j.prediction.metric, "claim": j.prediction.claim, "verdict": j.verdict,
-        "estimate": j.interval.estimate, "low": j.interval.low, "high": j.interval.high,
-        "n": j.interval.n, "method": j.interval.method, "confidence": j.interval.confidence,
+        "idx": idx,
+        "pred_hash": j.prediction.fingerprint(),
+        "text": j.prediction.text,
+        "metric": j.prediction.metric,
+        "claim": j.prediction.claim,
+        "verdict": j.verdict,
+        "estimate": j.interval.estimate,
+        "low": j.interval.low,
+        "high": j.interval.high,
+        "n": j.interval.n,
+        "method": j.interval.method,
+        "confidence": j.interval.confidence,
         "detail": j.detail,
     }
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from lab.stats import INTERVAL_METHODS, Interval, mean_interval, point
 
@@ -120,13 +120,12 @@ class Prediction:
             raise ValueError(f"prediction metric must be a non-empty string, got {self.metric!r}")
         if not isinstance(self.expect, Expectation):
             raise ValueError(
-                f"expect must be built with at_least/at_most/between/greater_than/less_than, "
-                f"got {self.expect!r}"
+                f"expect must be built with at_least/at_most/between/greater_than/less_than, got {self.expect!r}"
             )
         if self.interval not in INTERVAL_METHODS:
             raise ValueError(f"interval must be one of {INTERVAL_METHODS}, got {self.interval!r}")
 
-    def render(self, params: Mapping[str, object]) -> "Prediction":
+    def render(self, params: Mapping[str, object]) -> Prediction:
         """Fill `{name}` placeholders in the text from the test's parameters."""
         try:
             text = self.text.format(**params)
@@ -166,9 +165,7 @@ def interval_for(samples: Mapping[int | None, float], prediction: Prediction) ->
     return mean_interval(values, method=prediction.interval, confidence=prediction.confidence)
 
 
-def judge(
-    prediction: Prediction, measurements: Mapping[str, Mapping[int | None, float]]
-) -> Judgement:
+def judge(prediction: Prediction, measurements: Mapping[str, Mapping[int | None, float]]) -> Judgement:
     """Decide one prediction from the recorded measurements {metric: {seed: value}}."""
     metric = prediction.metric
     missing = [m for m in (metric, prediction.expect.other) if m and m not in measurements]

@@ -11,22 +11,34 @@ from importlib import metadata
 from pathlib import Path
 
 TRACKED_PACKAGES = (
-    "torch", "numpy", "scipy", "tiktoken", "safetensors", "transformers", "peft",
-    "bitsandbytes", "pytest", "pytest-benchmark", "hypothesis", "mkdocs-material", "llm-lab",
+    "torch",
+    "numpy",
+    "scipy",
+    "tiktoken",
+    "safetensors",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "pytest",
+    "pytest-benchmark",
+    "hypothesis",
+    "mkdocs-material",
+    "llm-lab",
 )
 
 
 def git_state(root: Path) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the repository at `root`, or (None, None) outside git."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None, None
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, timeout=10,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return commit.stdout.strip(), bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
@@ -88,7 +100,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval_s):
             self.peak = max(self.peak, _rss_bytes())
 
-    def start(self) -> "PeakMemory":
+    def start(self) -> PeakMemory:
         if self.device.startswith("cuda"):
             import torch
 

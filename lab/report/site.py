@@ -128,13 +128,15 @@ class _Reader:
     def history(self, nodeid: str) -> list[dict]:
         rows = self.store.query(
             "SELECT result_id, run_id, profile, status, verdict, created_at FROM results "
-            "WHERE nodeid = ? ORDER BY created_at DESC", (nodeid,)
+            "WHERE nodeid = ? ORDER BY created_at DESC",
+            (nodeid,),
         )
         out = []
         for r in rows:
             r = dict(r)
             r["estimates"] = [
-                dict(v) for v in self.store.query(
+                dict(v)
+                for v in self.store.query(
                     "SELECT metric, estimate, low, high, verdict, pred_hash FROM verdicts WHERE result_id = ? ORDER BY idx",
                     (r["result_id"],),
                 )
@@ -196,9 +198,17 @@ def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, i
     else:
         lines.append(f"**Verdict:** {_badge(row['verdict'])}")
     if row["profile"] == "smoke":
-        lines += ["", '!!! note "Smoke profile"', "    One seed and tiny models: this result exercises the code, it is not evidence for or against the claim."]
+        lines += [
+            "",
+            '!!! note "Smoke profile"',
+            "    One seed and tiny models: this result exercises the code, it is not evidence for or against the claim.",
+        ]
     if res.verdicts:
-        lines += ["", "| prediction | claim | estimate | interval | n | method | verdict |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| prediction | claim | estimate | interval | n | method | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for v in res.verdicts:
             lo = "-inf" if v["low"] is None else _fmt_num(v["low"])
             hi = "+inf" if v["high"] is None else _fmt_num(v["high"])
@@ -217,7 +227,7 @@ def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, i
                 flag = (
                     f' <span class="lab-edited" title="first registered {_fmt_time(first["first_seen"])}: '
                     f'{html.escape(first["text"])}">&#9888; prediction edited after results existed '
-                    f'(originally: &ldquo;{html.escape(first["text"])}&rdquo;, {html.escape(first["claim"])})</span>'
+                    f"(originally: &ldquo;{html.escape(first['text'])}&rdquo;, {html.escape(first['claim'])})</span>"
                 )
             claim = v["claim"].replace("|", "\\|")
             lines.append(
@@ -238,7 +248,13 @@ def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, i
         by_metric: dict[str, list] = defaultdict(list)
         for m in res.measurements:
             by_metric[m["metric"]].append(m)
-        lines += ["", "??? info \"Measurements\"", "", "    | metric | unit | values (seed: value) | mean |", "    |---|---|---|---|"]
+        lines += [
+            "",
+            '??? info "Measurements"',
+            "",
+            "    | metric | unit | values (seed: value) | mean |",
+            "    |---|---|---|---|",
+        ]
         for metric, ms in by_metric.items():
             vals = ", ".join(
                 f"{m['seed']}: {_fmt_num(m['value'])}" if m["seed"] is not None else _fmt_num(m["value"])
@@ -253,7 +269,10 @@ def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, i
             (img_dir / fname).write_bytes(a["data"])
             lines += ["", f"![{caption}]({img_rel}/{fname})", f"*{caption}*"]
         elif a["kind"] == "cite":
-            lines += ["", f"Benchmark: [{html.escape(a['name'])}]({bench_link}#{bench_anchor(row['profile'], a['name'])})"]
+            lines += [
+                "",
+                f"Benchmark: [{html.escape(a['name'])}]({bench_link}#{bench_anchor(row['profile'], a['name'])})",
+            ]
         elif a["kind"] == "table":
             rows = json.loads(bytes(a["data"]).decode())
             if rows:
@@ -265,7 +284,7 @@ def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, i
     commit = (run.get("git_commit") or "unknown")[:10]
     lines += [
         "",
-        "??? abstract \"Provenance\"",
+        '??? abstract "Provenance"',
         "",
         f"    - run `{row['run_id']}` ({run.get('status', '?')}), {_fmt_time(row['created_at'])}",
         f"    - commit `{commit}`{dirty}",
@@ -287,7 +306,9 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")[:60] or "x"
 
 
-def _hypothesis_page(reader: _Reader, hypothesis: str, nodes: dict[str, dict[str, Result]], docs: Path) -> tuple[str, str]:
+def _hypothesis_page(
+    reader: _Reader, hypothesis: str, nodes: dict[str, dict[str, Result]], docs: Path
+) -> tuple[str, str]:
     any_res = next(iter(next(iter(nodes.values())).values()))
     markers = json.loads(any_res.row["markers"] or "[]")
     title = any_res.row["title"] or hypothesis
@@ -321,12 +342,15 @@ def _hypothesis_page(reader: _Reader, hypothesis: str, nodes: dict[str, dict[str
             out.append("")
         hist = reader.history(nodeid)
         if len(hist) > 1:
-            out += ["??? note \"History (newest first)\"", "", "    | date | profile | run | commit | status | verdict | estimates |", "    |---|---|---|---|---|---|---|"]
+            out += [
+                '??? note "History (newest first)"',
+                "",
+                "    | date | profile | run | commit | status | verdict | estimates |",
+                "    |---|---|---|---|---|---|---|",
+            ]
             for h in hist:
                 run = reader.runs.get(h["run_id"], {})
-                est = "; ".join(
-                    f"{e['metric']}={_fmt_num(e['estimate'])}" for e in h["estimates"]
-                ) or "-"
+                est = "; ".join(f"{e['metric']}={_fmt_num(e['estimate'])}" for e in h["estimates"]) or "-"
                 out.append(
                     f"    | {_fmt_time(h['created_at'])} | {h['profile']} | `{h['run_id']}` | "
                     f"`{(run.get('git_commit') or '?')[:8]}` | {h['status']} | {h['verdict'] or '-'} | {est} |"
@@ -353,7 +377,7 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
         link = page_path(any_res.row["hypothesis"]).with_suffix(".html").as_posix()
         label = html.escape(any_res.row["title"] or nodeid)
         if params:
-            label += f' <code>{html.escape(_param_label(params))}</code>'
+            label += f" <code>{html.escape(_param_label(params))}</code>"
         cells = []
         for p in profiles:
             res = by_profile.get(p)
@@ -369,10 +393,7 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
             f'<tr data-track="{track}"><td><a href="{link}">{label}</a></td>'
             f"<td>{html.escape(TRACKS.get(track, track))}{' / ' + mod if mod else ''}</td>{''.join(cells)}</tr>"
         )
-    options = "".join(
-        f'<option value="{t}">{html.escape(TRACKS.get(t, t))}</option>'
-        for t in sorted(tracks_present)
-    )
+    options = "".join(f'<option value="{t}">{html.escape(TRACKS.get(t, t))}</option>' for t in sorted(tracks_present))
     summary = []
     for p in profiles:
         c = counts[p]
@@ -381,40 +402,50 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
             f"{c['inconclusive']} inconclusive, {c['failed']} failed, {c['skipped']} skipped"
         )
     last = max(runs.values(), key=lambda r: r["started_at"], default=None)
-    return "\n".join([
-        _MARK,
-        "# LLM Lab results",
-        "",
-        "Every claim below is a pytest test with a prediction recorded before it ran. "
-        "The verdict comes from an interval over seeds: **confirmed** when the whole interval "
-        "satisfies the prediction, **refuted** when the whole interval violates it, "
-        "**inconclusive** otherwise. A refuted prediction is a finding, not a failure. "
-        "See [how to read a verdict](guide/reading-verdicts.md) and "
-        "[how to add a hypothesis](guide/adding-hypotheses.md).",
-        "",
-        *summary,
-        "",
-        f"Last run: {_fmt_time(last['started_at']) if last else '-'} · [all runs](runs.md) · [benchmarks](benchmarks.md)",
-        "",
-        '<div class="lab-filter"><label for="lab-track-filter">Track:</label> '
-        f'<select id="lab-track-filter"><option value="">all tracks</option>{options}</select></div>',
-        "",
-        '<table class="lab-table" id="lab-hypotheses"><thead><tr><th>Hypothesis</th><th>Track</th>'
-        + "".join(f"<th>{p}</th>" for p in profiles)
-        + "</tr></thead><tbody>",
-        *rows,
-        "</tbody></table>",
-        "",
-        f"{measurements_only} benchmark and measurement tests without a prediction are not listed here: "
-        "see [benchmarks](benchmarks.md)." if measurements_only else "",
-        "",
-    ])
+    return "\n".join(
+        [
+            _MARK,
+            "# LLM Lab results",
+            "",
+            "Every claim below is a pytest test with a prediction recorded before it ran. "
+            "The verdict comes from an interval over seeds: **confirmed** when the whole interval "
+            "satisfies the prediction, **refuted** when the whole interval violates it, "
+            "**inconclusive** otherwise. A refuted prediction is a finding, not a failure. "
+            "See [how to read a verdict](guide/reading-verdicts.md) and "
+            "[how to add a hypothesis](guide/adding-hypotheses.md).",
+            "",
+            *summary,
+            "",
+            f"Last run: {_fmt_time(last['started_at']) if last else '-'} · [all runs](runs.md) · [benchmarks](benchmarks.md)",
+            "",
+            '<div class="lab-filter"><label for="lab-track-filter">Track:</label> '
+            f'<select id="lab-track-filter"><option value="">all tracks</option>{options}</select></div>',
+            "",
+            '<table class="lab-table" id="lab-hypotheses"><thead><tr><th>Hypothesis</th><th>Track</th>'
+            + "".join(f"<th>{p}</th>" for p in profiles)
+            + "</tr></thead><tbody>",
+            *rows,
+            "</tbody></table>",
+            "",
+            f"{measurements_only} benchmark and measurement tests without a prediction are not listed here: "
+            "see [benchmarks](benchmarks.md)."
+            if measurements_only
+            else "",
+            "",
+        ]
+    )
 
 
 def _runs_page(runs: dict) -> str:
-    lines = [_MARK, "# Runs", "", "Every run that wrote to the store, newest first, with its provenance.", "",
-             "| started | profile | status | commit | device | torch | seeds | wall time | peak memory | command |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        _MARK,
+        "# Runs",
+        "",
+        "Every run that wrote to the store, newest first, with its provenance.",
+        "",
+        "| started | profile | status | commit | device | torch | seeds | wall time | peak memory | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(runs.values(), key=lambda r: r["started_at"], reverse=True):
         dirty = "+dirty" if r.get("git_dirty") else ""
         lines.append(
@@ -428,12 +459,18 @@ def _runs_page(runs: dict) -> str:
 
 
 def _benchmarks_page(rows: list[dict], docs: Path) -> str:
-    from lab.report.plots import bar_figure
     import matplotlib.pyplot as plt
 
-    lines = [_MARK, "# Benchmarks", "",
-             "Speed is measured with pytest-benchmark, side by side in one process, never with timed "
-             "asserts. Each group below ran in the same session on the same machine.", ""]
+    from lab.report.plots import bar_figure
+
+    lines = [
+        _MARK,
+        "# Benchmarks",
+        "",
+        "Speed is measured with pytest-benchmark, side by side in one process, never with timed "
+        "asserts. Each group below ran in the same session on the same machine.",
+        "",
+    ]
     if not rows:
         return "\n".join(lines + ["No benchmark results yet.", ""])
     img_dir = docs / "hypotheses" / "_benchmarks"
@@ -450,7 +487,9 @@ def _benchmarks_page(rows: list[dict], docs: Path) -> str:
             extra = json.loads(it["extra"] or "{}")
             lines.append(
                 f"| `{html.escape(it['name'])}` | {it['mean_s'] * 1e3:.3f} ms | {it['stddev_s'] * 1e3:.3f} ms | "
-                f"{it['min_s'] * 1e3:.3f} ms | {it['rounds']} | " + " | ".join(_cell(extra.get(k, '')) for k in extra_keys) + " |"
+                f"{it['min_s'] * 1e3:.3f} ms | {it['rounds']} | "
+                + " | ".join(_cell(extra.get(k, "")) for k in extra_keys)
+                + " |"
             )
         fig = bar_figure(
             [it["name"].split("[")[-1].rstrip("]") for it in items],
@@ -470,8 +509,9 @@ def _benchmarks_page(rows: list[dict], docs: Path) -> str:
 def _scaling_plots(rows: list[dict], img_dir: Path) -> list[str]:
     """Benchmarks that tag extra_info with `implementation` and `new_tokens` (the decode
     comparisons) also get one plot of time against length per implementation."""
-    from lab.report.plots import line_figure
     import matplotlib.pyplot as plt
+
+    from lab.report.plots import line_figure
 
     series: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -484,13 +524,23 @@ def _scaling_plots(rows: list[dict], img_dir: Path) -> list[str]:
         curves = {impl: tuple(zip(*sorted(points))) for impl, points in sorted(impls.items())}
         if not any(len(xs) > 1 for xs, _ in curves.values()):
             continue
-        fig = line_figure(curves, xlabel="new tokens decoded", ylabel="total time (s)", logx=True, logy=True,
-                          title=f"{family}: decode time vs length ({profile})")
+        fig = line_figure(
+            curves,
+            xlabel="new tokens decoded",
+            ylabel="total time (s)",
+            logx=True,
+            logy=True,
+            title=f"{family}: decode time vs length ({profile})",
+        )
         fname = f"{_slug(profile + '-' + family)}-scaling.png"
         fig.savefig(img_dir / fname, dpi=110, bbox_inches="tight", metadata={"Software": None})
         plt.close(fig)
-        lines += [f"## {html.escape(family)}: time vs length ({profile})", "",
-                  f"![{html.escape(family)} scaling](hypotheses/_benchmarks/{fname})", ""]
+        lines += [
+            f"## {html.escape(family)}: time vs length ({profile})",
+            "",
+            f"![{html.escape(family)} scaling](hypotheses/_benchmarks/{fname})",
+            "",
+        ]
     return lines
 
 

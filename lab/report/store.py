@@ -12,10 +12,10 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 SCHEMA_VERSION = 1
 DEFAULT_STORE = Path("results") / "lab.sqlite"
@@ -206,9 +206,7 @@ class Store:
             row = c.execute("SELECT started_at FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 return
-            peak = c.execute(
-                "SELECT MAX(peak_memory_bytes) FROM results WHERE run_id = ?", (run_id,)
-            ).fetchone()[0]
+            peak = c.execute("SELECT MAX(peak_memory_bytes) FROM results WHERE run_id = ?", (run_id,)).fetchone()[0]
             now = time.time()
             c.execute(
                 "UPDATE runs SET finished_at = ?, status = ?, exitstatus = ?, wall_time_s = ?, "
@@ -237,10 +235,23 @@ class Store:
                 "markers, status, verdict, error, seeds, wall_time_s, peak_memory_bytes, notes, "
                 "units, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    r.run_id, r.profile, r.nodeid, r.hypothesis, json.dumps(r.params, default=str),
-                    r.title, r.docstring, json.dumps(r.markers), r.status, r.verdict, r.error,
-                    json.dumps(r.seeds), r.wall_time_s, r.peak_memory_bytes, json.dumps(r.notes),
-                    json.dumps(r.units), time.time(),
+                    r.run_id,
+                    r.profile,
+                    r.nodeid,
+                    r.hypothesis,
+                    json.dumps(r.params, default=str),
+                    r.title,
+                    r.docstring,
+                    json.dumps(r.markers),
+                    r.status,
+                    r.verdict,
+                    r.error,
+                    json.dumps(r.seeds),
+                    r.wall_time_s,
+                    r.peak_memory_bytes,
+                    json.dumps(r.notes),
+                    json.dumps(r.units),
+                    time.time(),
                 ),
             )
             rid = cur.lastrowid
@@ -252,9 +263,20 @@ class Store:
                 "INSERT INTO verdicts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
-                        rid, v["idx"], v["pred_hash"], v["text"], v["metric"], v["claim"],
-                        v["verdict"], v["estimate"], _num(v["low"]), _num(v["high"]), v["n"],
-                        v["method"], v["confidence"], v.get("detail", ""),
+                        rid,
+                        v["idx"],
+                        v["pred_hash"],
+                        v["text"],
+                        v["metric"],
+                        v["claim"],
+                        v["verdict"],
+                        v["estimate"],
+                        _num(v["low"]),
+                        _num(v["high"]),
+                        v["n"],
+                        v["method"],
+                        v["confidence"],
+                        v.get("detail", ""),
                     )
                     for v in r.verdicts
                 ],
@@ -267,8 +289,16 @@ class Store:
                 "INSERT INTO benchmarks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
-                        rid, b["name"], b.get("group"), json.dumps(b.get("params") or {}, default=str),
-                        b["mean"], b["stddev"], b["min"], b["max"], b["median"], b["rounds"],
+                        rid,
+                        b["name"],
+                        b.get("group"),
+                        json.dumps(b.get("params") or {}, default=str),
+                        b["mean"],
+                        b["stddev"],
+                        b["min"],
+                        b["max"],
+                        b["median"],
+                        b["rounds"],
                         json.dumps(b.get("extra") or {}, default=str),
                     )
                     for b in r.benchmarks
@@ -277,7 +307,7 @@ class Store:
             return rid
 
 
-def forget(store: "Store", nodeid: str) -> int:
+def forget(store: Store, nodeid: str) -> int:
     """Delete every result of a test id (e.g. a parametrization that no longer exists),
     with its measurements, verdicts, artifacts and benchmarks, in one transaction.
     Registered predictions stay: they are the record of what was predicted."""

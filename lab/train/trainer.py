@@ -195,11 +195,7 @@ class TrainResult:
 
 def _check_token_array(array, name: str, block_size: int, vocab_size: int | None = None) -> None:
     if not isinstance(array, np.ndarray) or array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        got = (
-            f"{array.dtype} array of shape {array.shape}"
-            if isinstance(array, np.ndarray)
-            else type(array).__name__
-        )
+        got = f"{array.dtype} array of shape {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
         raise ValueError(f"{name} must be a 1-D integer numpy array of token ids, got {got}")
     if len(array) <= block_size:
         raise ValueError(f"{name} has {len(array)} tokens; need more than block_size={block_size}")
@@ -226,8 +222,15 @@ def evaluate(
     prefix_lm, the same masks and prefixes) for the same generator_seed."""
     return float(
         _batch_losses(
-            model, array, block_size, batch_size, n_batches, generator_seed, device,
-            objective=objective, mask_prob=mask_prob,
+            model,
+            array,
+            block_size,
+            batch_size,
+            n_batches,
+            generator_seed,
+            device,
+            objective=objective,
+            mask_prob=mask_prob,
         ).mean()
     )
 
@@ -249,8 +252,16 @@ def per_position_loss(
 
 
 def _batch_losses(
-    model, array, block_size, batch_size, n_batches, generator_seed, device, per_position=False,
-    objective="clm", mask_prob=0.15,
+    model,
+    array,
+    block_size,
+    batch_size,
+    n_batches,
+    generator_seed,
+    device,
+    per_position=False,
+    objective="clm",
+    mask_prob=0.15,
 ):
     """Losses over fixed random batches (the same batches for the same generator_seed)."""
     if not isinstance(model, GPT):
@@ -326,8 +337,17 @@ def _peak_rss_bytes() -> int:
 
 
 def train_step(
-    model: GPT, optimizer, x, y, *, grad_clip: float, step: int = 0, history=None, evals=None,
-    prefix_len=None, stats: dict | None = None,
+    model: GPT,
+    optimizer,
+    x,
+    y,
+    *,
+    grad_clip: float,
+    step: int = 0,
+    history=None,
+    evals=None,
+    prefix_len=None,
+    stats: dict | None = None,
 ):
     """One optimizer step on batch (x, y); returns (loss, pre-clip grad norm).
 
@@ -418,9 +438,7 @@ def train(
         raise ValueError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
     for attr in ("train", "val", "identity"):
         if not hasattr(data, attr):
-            raise ValueError(
-                f"data must have train, val and identity attributes; {type(data).__name__} lacks {attr!r}"
-            )
+            raise ValueError(f"data must have train, val and identity attributes; {type(data).__name__} lacks {attr!r}")
     if not isinstance(data.identity, str):
         raise ValueError(f"data.identity must be a str, got {type(data.identity).__name__}")
     _check_token_array(data.train, "data.train", model_config.block_size, model_config.vocab_size)
@@ -436,8 +454,7 @@ def train(
         raise ValueError("resume=True needs out_dir (the run directory holding last/)")
     if stop_after is not None and (not _is_int(stop_after) or not 1 <= stop_after <= train_config.max_steps):
         raise ValueError(
-            f"stop_after must be None or an int in [1, max_steps={train_config.max_steps}], "
-            f"got {stop_after!r}"
+            f"stop_after must be None or an int in [1, max_steps={train_config.max_steps}], got {stop_after!r}"
         )
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
@@ -481,8 +498,12 @@ def train(
 
     def run_eval(step: int) -> dict:
         kwargs = dict(
-            block_size=block_size, batch_size=tc.batch_size, n_batches=tc.eval_batches, device=device,
-            objective=tc.objective, mask_prob=tc.mask_prob,
+            block_size=block_size,
+            batch_size=tc.batch_size,
+            n_batches=tc.eval_batches,
+            device=device,
+            objective=tc.objective,
+            mask_prob=tc.mask_prob,
         )
         record = {
             "step": step,
@@ -536,9 +557,7 @@ def train(
         note_val(0, run_eval(0)["val_loss"])
 
     model.train()
-    bar = tqdm(
-        total=tc.max_steps, initial=start_step, disable=not progress, desc="train", dynamic_ncols=True
-    )
+    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not progress, desc="train", dynamic_ncols=True)
     step = start_step
     try:
         while step < tc.max_steps:
@@ -559,8 +578,16 @@ def train(
             step += 1
             stats = {}
             loss_value, grad_norm = train_step(
-                model, optimizer, x, y, grad_clip=tc.grad_clip, step=step, history=history, evals=evals,
-                prefix_len=prefix, stats=stats,
+                model,
+                optimizer,
+                x,
+                y,
+                grad_clip=tc.grad_clip,
+                step=step,
+                history=history,
+                evals=evals,
+                prefix_len=prefix,
+                stats=stats,
             )
             train_time += time.perf_counter() - t0  # loss.item() synchronised any device
             train_tokens += tokens_per_step
@@ -568,9 +595,7 @@ def train(
             record = {"step": step, "lr": lr, "train_loss": loss_value, "grad_norm": grad_norm, **stats}
             history.append(record)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss_value:.4f}", tok_s=f"{train_tokens / train_time:,.0f}", refresh=False
-            )
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{train_tokens / train_time:,.0f}", refresh=False)
             stop = bool(callback("step", record)) if callback is not None else False
 
             is_eval = step % tc.eval_interval == 0 or step == tc.max_steps or stop

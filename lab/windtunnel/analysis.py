@@ -40,8 +40,12 @@ def ablation_mae(model: TunnelTransformer, batch: Batch, *, mode: str = "zero") 
     {'clean': [mae], 'attn': [per layer], 'mlp': [per layer]}. 'mean' replaces the write
     by its average over this batch's tokens instead of zeros."""
     _check(model)
-    return sublayer_ablations(model.gpt, lambda: calibration(predict(model, batch.tokens), batch).entropy_mae,
-                              mode=mode, reference_pass=lambda: _one_pass(model, batch.tokens))
+    return sublayer_ablations(
+        model.gpt,
+        lambda: calibration(predict(model, batch.tokens), batch).entropy_mae,
+        mode=mode,
+        reference_pass=lambda: _one_pass(model, batch.tokens),
+    )
 
 
 def stream_points(n_layer: int) -> list[str]:
@@ -208,7 +212,18 @@ def frame_step(drifts: dict[int, float], fraction: float = 0.1) -> int:
 
 
 __all__ = [
-    "ablation_mae", "attention_drift", "attention_entropy_by_layer", "entropy_probe", "frame_step",
-    "key_cosines", "key_orthogonality", "manifold", "random_cosine_baseline", "ridge_r2", "spearman",
-    "stream_points", "streams_at_positions", "update_gains",
+    "ablation_mae",
+    "attention_drift",
+    "attention_entropy_by_layer",
+    "entropy_probe",
+    "frame_step",
+    "key_cosines",
+    "key_orthogonality",
+    "manifold",
+    "random_cosine_baseline",
+    "ridge_r2",
+    "spearman",
+    "stream_points",
+    "streams_at_positions",
+    "update_gains",
 ]

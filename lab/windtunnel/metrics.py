@@ -42,7 +42,9 @@ def predict(model, tokens: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
 def calibration(logq: torch.Tensor, batch: Batch) -> Calibration:
     """Compare predictions (n, P, C log-probs) with the batch's exact posterior."""
     if logq.shape != batch.posterior.shape:
-        raise ValueError(f"predictions {tuple(logq.shape)} and posterior {tuple(batch.posterior.shape)} differ in shape")
+        raise ValueError(
+            f"predictions {tuple(logq.shape)} and posterior {tuple(batch.posterior.shape)} differ in shape"
+        )
     h_model = entropy_bits(logq.double().exp())
     h_bayes = batch.posterior.double()
     h_bayes = entropy_bits(h_bayes)

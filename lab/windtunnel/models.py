@@ -29,8 +29,20 @@ class TunnelTransformer(nn.Module):
     def __init__(self, task, *, n_layer: int, n_head: int, n_embd: int):
         super().__init__()
         self.task = task
-        self.gpt = GPT(GPTConfig(vocab_size=task.vocab_size, block_size=task.seq_len, n_layer=n_layer, n_head=n_head,
-                                 n_embd=n_embd, pos="learned", norm="rmsnorm", mlp="gelu", bias=False, tie_weights=True))
+        self.gpt = GPT(
+            GPTConfig(
+                vocab_size=task.vocab_size,
+                block_size=task.seq_len,
+                n_layer=n_layer,
+                n_head=n_head,
+                n_embd=n_embd,
+                pos="learned",
+                norm="rmsnorm",
+                mlp="gelu",
+                bias=False,
+                tie_weights=True,
+            )
+        )
         self.register_buffer("positions", task.positions.clone(), persistent=False)
         self.head = nn.Linear(n_embd, task.n_classes) if isinstance(task, HMMTask) else None
 
@@ -156,7 +168,9 @@ def matched_prefix_mlp(task, target_params: int, *, embd: int, depth: int, toler
     """A PrefixMLP of the given depth whose width puts its parameter count within
     `tolerance` of target_params (the transformer's)."""
     width = _match_width(lambda w: PrefixMLP(task, embd=embd, width=w, depth=depth), target_params)
-    return _matched(PrefixMLP(task, embd=embd, width=width, depth=depth), target_params, tolerance, f"depth-{depth} PrefixMLP")
+    return _matched(
+        PrefixMLP(task, embd=embd, width=width, depth=depth), target_params, tolerance, f"depth-{depth} PrefixMLP"
+    )
 
 
 def matched_position_mlp(task, target_params: int, *, depth: int, tolerance: float = 0.1) -> PositionMLP:

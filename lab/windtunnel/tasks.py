@@ -227,10 +227,16 @@ class HMMTask:
         E = discretized_rows(rng.dirichlet(np.ones(O), size=(n, S)).reshape(n * S, O)).reshape(n, S, O)
         _, obs = sample_hmm_batch(T / 100, E / 100, K, rng)
         posterior = forward_posterior_batch(T / 100, E / 100, obs)
-        header = np.concatenate([
-            np.full((n, 1), self.TRANS), self.prob_token(T).reshape(n, -1),
-            np.full((n, 1), self.EMIT), self.prob_token(E).reshape(n, -1), np.full((n, 1), self.SEP),
-        ], axis=1)
+        header = np.concatenate(
+            [
+                np.full((n, 1), self.TRANS),
+                self.prob_token(T).reshape(n, -1),
+                np.full((n, 1), self.EMIT),
+                self.prob_token(E).reshape(n, -1),
+                np.full((n, 1), self.SEP),
+            ],
+            axis=1,
+        )
         body = np.empty((n, 2 * K), dtype=np.int64)
         body[:, 0::2] = self.OBS
         body[:, 1::2] = self.n_prob_tokens + 4 + obs

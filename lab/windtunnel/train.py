@@ -68,7 +68,12 @@ def _spec(model: torch.nn.Module) -> dict:
         c = model.gpt.config
         return {"kind": kind, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd}
     if isinstance(model, PrefixMLP):
-        return {"kind": kind, "embd": model.wte.embedding_dim, "width": model.inp.out_features, "depth": len(model.body.blocks)}
+        return {
+            "kind": kind,
+            "embd": model.wte.embedding_dim,
+            "width": model.inp.out_features,
+            "depth": len(model.body.blocks),
+        }
     if isinstance(model, PositionMLP):
         return {"kind": kind, "width": model.wte.embedding_dim, "depth": len(model.body.blocks)}
     raise ValueError(f"unknown wind-tunnel model {kind}")
@@ -89,8 +94,13 @@ def _code_version() -> str:
 
 
 def run_key(task, model, cfg: TunnelTrainConfig) -> str:
-    spec = {"task": repr(task), "model": _spec(model), "train": asdict(cfg), "code": _code_version(),
-            "params": n_params(model)}
+    spec = {
+        "task": repr(task),
+        "model": _spec(model),
+        "train": asdict(cfg),
+        "code": _code_version(),
+        "params": n_params(model),
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -121,8 +131,11 @@ def train_tunnel(task, build, cfg: TunnelTrainConfig, *, progress: bool = False,
     gen = torch.Generator().manual_seed(10_000 + cfg.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     kept = {0: {k: v.clone() for k, v in model.state_dict().items()}} if 0 in cfg.keep_steps else {}
     history = []
     bar = None
@@ -154,6 +167,8 @@ def train_tunnel(task, build, cfg: TunnelTrainConfig, *, progress: bool = False,
     wall = time.perf_counter() - t0
     model.eval()
     if run_dir is not None:
-        _save_atomic({"model": model.state_dict(), "history": history, "kept": kept, "wall_time_s": wall}, run_dir / "run.pt")
+        _save_atomic(
+            {"model": model.state_dict(), "history": history, "kept": kept, "wall_time_s": wall}, run_dir / "run.pt"
+        )
         (run_dir / "done.json").write_text(json.dumps({"steps": cfg.steps, "wall_time_s": wall}))
     return TunnelRun(model, cfg, history, kept, wall)
