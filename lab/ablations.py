@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from lab.stats import mean_interval
+from lab.report.intervals import mean_interval
 from lab.train import TrainResult
 
 Runs = Mapping[str, Mapping[int, TrainResult]]

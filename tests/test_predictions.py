@@ -19,7 +19,7 @@ from lab.report.predictions import (
     judge,
     less_than,
 )
-from lab.stats import mean_interval, point
+from lab.report.intervals import mean_interval, point
 
 
 def _pred(expect, metric="m", interval="t"):

@@ -5,7 +5,7 @@ import torch
 
 from lab.data import split_text
 from lab.report import at_least, less_than, prediction
-from lab.stats import spearman
+from lab.report.intervals import spearman
 from lab.textstats import distinct_n, loop_start
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m05_sampling]

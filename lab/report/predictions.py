@@ -14,10 +14,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from lab.stats import INTERVAL_METHODS, Interval, mean_interval, point
+from lab.report.intervals import INTERVAL_METHODS, Interval, mean_interval, point
 
 CONFIRMED, REFUTED, INCONCLUSIVE = "confirmed", "refuted", "inconclusive"
+INVALID = "invalid"  # a precondition of the experiment failed: no verdict on the claim
 VERDICTS = (CONFIRMED, REFUTED, INCONCLUSIVE)
+KINDS = ("prediction", "check")
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class Prediction:
     expect: Expectation
     interval: str = "t"
     confidence: float = 0.95
+    kind: str = "prediction"  # or "check": an invariant true by construction, not a finding
 
     def __post_init__(self):
         if not isinstance(self.text, str) or not self.text.strip():
@@ -124,6 +127,8 @@ class Prediction:
             )
         if self.interval not in INTERVAL_METHODS:
             raise ValueError(f"interval must be one of {INTERVAL_METHODS}, got {self.interval!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
     def render(self, params: Mapping[str, object]) -> Prediction:
         """Fill `{name}` placeholders in the text from the test's parameters."""
@@ -134,7 +139,7 @@ class Prediction:
                 f"prediction text {self.text!r} names a parameter {exc} the test does not have "
                 f"(parameters: {sorted(params)})"
             ) from None
-        return Prediction(text, self.metric, self.expect, self.interval, self.confidence)
+        return Prediction(text, self.metric, self.expect, self.interval, self.confidence, self.kind)
 
     @property
     def claim(self) -> str:

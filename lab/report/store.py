@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_STORE = Path("results") / "lab.sqlite"
 
 _SCHEMA = """
@@ -110,6 +110,19 @@ CREATE TABLE IF NOT EXISTS benchmarks (
 """
 
 
+# Columns added after schema 1, as (table, column, SQL type): added in place when an
+# older store is opened, so history written by earlier versions stays readable.
+_ADDED_COLUMNS = (
+    ("results", "validity", "TEXT"),  # JSON [[check, passed, detail], ...]
+    ("results", "deterministic", "TEXT"),  # JSON list of metrics declared exact
+    ("results", "trials", "TEXT"),  # JSON {metric: {seed: [successes, trials]}}
+    ("results", "source_hash", "TEXT"),  # fingerprint of the test's code when it ran
+    ("verdicts", "kind", "TEXT"),  # prediction | check
+    ("verdicts", "fingerprint", "TEXT"),  # the registry's fingerprint of the prediction when judged
+    ("verdicts", "registration", "TEXT"),  # JSON: the registry entry's status, dates, amendments
+)
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -138,6 +151,10 @@ class ResultRecord:
     verdicts: list = field(default_factory=list)  # dicts matching the verdicts table
     artifacts: list = field(default_factory=list)  # (name, kind, caption, bytes)
     benchmarks: list = field(default_factory=list)  # dicts matching the benchmarks table
+    validity: list = field(default_factory=list)  # (check, passed, detail)
+    deterministic: list = field(default_factory=list)  # metrics declared exact
+    trials: dict = field(default_factory=dict)  # {metric: {seed: (successes, trials)}}
+    source_hash: str | None = None
 
 
 class Store:
@@ -155,8 +172,9 @@ class Store:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         c.execute(stmt)
+                _migrate(c)
                 c.execute(
-                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
         except (sqlite3.Error, OSError) as exc:
@@ -233,7 +251,8 @@ class Store:
             cur = c.execute(
                 "INSERT INTO results(run_id, profile, nodeid, hypothesis, params, title, docstring, "
                 "markers, status, verdict, error, seeds, wall_time_s, peak_memory_bytes, notes, "
-                "units, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "units, created_at, validity, deterministic, trials, source_hash) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     r.run_id,
                     r.profile,
@@ -252,6 +271,10 @@ class Store:
                     json.dumps(r.notes),
                     json.dumps(r.units),
                     time.time(),
+                    json.dumps(r.validity),
+                    json.dumps(sorted(r.deterministic)),
+                    json.dumps({m: {str(k): list(v) for k, v in t.items()} for m, t in r.trials.items()}),
+                    r.source_hash,
                 ),
             )
             rid = cur.lastrowid
@@ -260,7 +283,9 @@ class Store:
                 [(rid, m, s, v) for m, s, v in r.measurements],
             )
             c.executemany(
-                "INSERT INTO verdicts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO verdicts(result_id, idx, pred_hash, text, metric, claim, verdict, estimate, low, "
+                "high, n, method, confidence, detail, kind, fingerprint, registration) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         rid,
@@ -277,6 +302,9 @@ class Store:
                         v["method"],
                         v["confidence"],
                         v.get("detail", ""),
+                        v.get("kind", "prediction"),
+                        v.get("fingerprint"),
+                        json.dumps(v["registration"]) if v.get("registration") is not None else None,
                     )
                     for v in r.verdicts
                 ],
@@ -305,6 +333,13 @@ class Store:
                 ],
             )
             return rid
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    for table, column, sqltype in _ADDED_COLUMNS:
+        have = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sqltype}")
 
 
 def forget(store: Store, nodeid: str) -> int:
