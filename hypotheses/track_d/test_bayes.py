@@ -1,8 +1,14 @@
 """Track D: "The Bayesian Geometry of Transformer Attention" (Aggarwal, Dalal & Misra,
-arXiv 2512.22471) reproduced at small scale in its wind tunnels: tasks whose exact
-posterior is known (bijection elimination, HMM state tracking) and which cannot be
-memorised (a fresh bijection / HMM every sequence). Deviations from the paper are
-listed on each page and in the wind-tunnel guide."""
+arXiv 2512.22471) reproduced in its wind tunnels: tasks whose exact posterior is known
+(bijection elimination, HMM state tracking) and which cannot be memorised (a fresh
+bijection / HMM every sequence). The `gpu` profile is the paper's scale; `cpu` trains the
+paper's vocabulary with a smaller model. Every paper-vs-lab table states both sides'
+scale; deviations from the paper are listed in the wind-tunnel guide.
+
+A hypothesis about a trained model first checks, per seed, that the model trained: its
+final training loss closed at least half the gap between a uniform guess (ln C nats for
+C answers) and the Bayes loss, and its held-out entropy error is below the context-blind
+floor. A seed that fails makes the verdict invalid, never refuted or confirmed."""
 
 import math
 
@@ -10,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from lab.report import at_least, at_most, greater_than, less_than, prediction
+from lab.report import at_least, at_most, between, check, greater_than, less_than, prediction
 from lab.report.plots import bar_figure, line_figure, scatter_grid
 from lab.windtunnel.analysis import (
     ablation_mae,
@@ -19,40 +25,77 @@ from lab.windtunnel.analysis import (
     entropy_probe,
     frame_step,
     key_cosines,
-    key_orthogonality,
+    key_geometry,
     manifold,
     random_cosine_baseline,
     stream_points,
     update_gains,
+    value_manifold,
 )
-from lab.windtunnel.metrics import calibration, predict
+from lab.windtunnel.metrics import bayes_loss_nats, calibration, context_blind_floor, predict
 from lab.windtunnel.models import n_params
-from lab.windtunnel.tasks import entropy_bits, uniform_floor_bits
+from lab.windtunnel.scale import scale_text, train_settings, transformer_shape
+from lab.windtunnel.tasks import entropy_bits
 
 pytestmark = pytest.mark.track_d
 
-SCALE_NOTE = (
-    "Scale: the paper trains 6 layers x 6 heads x d192 (2.7M parameters) for 50k-150k steps on V=20 "
-    "(HMM: 9 layers x d256); this profile's sizes are in lab/profiles.py (BayesScale)."
-)
+# the paper's side of every table: its scale, per task
+PAPER_SCALE = {
+    "bijection": (
+        "V=20, 19 keys (37 tokens); 6 layers x 6 heads x d192, 2.67M parameters; 50k-150k steps, batch 128-256"
+    ),
+    "bijection-repl": (
+        "V=20, 19 keys, keys with replacement (the authors' geometry checkpoint); 6 x 6 x d192, 2.67M; steps not stated"
+    ),
+    "hmm": (
+        "S=5 states, O=5 symbols, K=20 observations; 9 layers x 8 heads x d256; 10k HMMs x 50 epochs, batch "
+        "64 (authors' code)"
+    ),
+}
 
 
-def _plateau_note(outcome, runs, task) -> None:
-    """Say so on the page when every seed's training loss ended at ln(C), a uniform guess
-    over the answers: then the model learned nothing and its mechanism says nothing."""
-    c = task.n_classes
-    final = [np.mean([h["loss"] for h in r.history[-10:]]) for r in runs.values()]
-    if all(abs(f - math.log(c)) < 0.01 for f in final):
-        outcome.note(
-            f"Training failed: every seed's training loss ended at ln {c} = {math.log(c):.3f} nats "
-            f"(final {', '.join(f'{f:.3f}' for f in final)}), a uniform guess over all {c} answers. "
-            "These models never left the plateau within the profile's steps, so measurements of their "
-            "mechanism describe an untrained predictor."
-        )
+def _table(outcome, lab, tunnels, name: str, table: str, rows: list[dict], caption: str = "") -> None:
+    """A paper-vs-lab table whose rows carry both sides' scale."""
+    here = scale_text(lab.profile.bayes, name, lab.profile.name)
+    full = [{**r, "paper scale": PAPER_SCALE[name], "lab scale": here} for r in rows]
+    outcome.table(table, full, caption=caption)
+
+
+_CAL = {}
 
 
 def _cal(run, batch):
-    return calibration(predict(run.model, batch.tokens), batch)
+    key = (id(run), id(batch))
+    if key not in _CAL:
+        _CAL[key] = calibration(predict(run.model, batch.tokens), batch)
+    return _CAL[key]
+
+
+def _require_trained(outcome, runs, task, batch, what: str = "transformer") -> None:
+    """Per seed: the model trained (validity checks; a failure makes the verdict invalid)."""
+    c = task.n_classes
+    uniform, bayes = math.log(c), bayes_loss_nats(batch)
+    limit = uniform - 0.5 * (uniform - bayes)
+    floor = context_blind_floor(batch)
+    for seed, run in runs.items():
+        final = run.final_loss()
+        outcome.require(
+            f"{what} trained (seed {seed})",
+            final <= limit,
+            f"final training loss {final:.4f} nats; a uniform guess over {c} answers scores {uniform:.4f} and the "
+            f"Bayes posterior {bayes:.4f}, so a trained model ends at or below {limit:.4f} (half the gap closed)",
+        )
+        mae = _cal(run, batch).entropy_mae
+        outcome.require(
+            f"{what} beats the context-blind floor (seed {seed})",
+            mae < floor,
+            f"held-out entropy MAE {mae:.4f} bits vs {floor:.4f} bits for the best predictor that ignores the context",
+        )
+
+
+def _curve(run, sub) -> dict[int, float]:
+    """{kept step: held-out entropy MAE} over a run's kept weights."""
+    return {s: calibration(predict(run.at_step(s), sub.tokens), sub).entropy_mae for s in sorted(run.kept)}
 
 
 @pytest.mark.parametrize(
@@ -61,9 +104,12 @@ def _cal(run, batch):
         pytest.param(
             "bijection",
             marks=prediction(
-                "Bijection: predictive entropy matches the Bayes entropy to <= 0.05 bits MAE (paper: 0.003-0.007 bits at ~20x our size and steps, so we allow an order of magnitude more)",
+                (
+                    "Bijection at the paper's vocabulary (V=20): predictive entropy matches the Bayes entropy to <= "
+                    "0.01 bits MAE on held-out sequences (paper: 1e-3 to 1e-4 bits at 6 x 6 x d192, 50k-150k steps)"
+                ),
                 metric="entropy_mae",
-                expect=at_most(0.05),
+                expect=at_most(0.01),
             ),
         ),
         pytest.param(
@@ -77,7 +123,10 @@ def _cal(run, batch):
         pytest.param(
             "hmm",
             marks=prediction(
-                "HMM filtering: predictive entropy matches the forward-algorithm posterior's to <= 0.1 bits MAE (paper: 7.5e-5 bits at K=20 with a 9-layer d256 model; ours is far smaller)",
+                (
+                    "HMM filtering: predictive entropy matches the forward-algorithm posterior's to <= 0.1 bits MAE "
+                    "(paper: 7.5e-5 bits at K=20 with a 9-layer d256 model)"
+                ),
                 metric="entropy_mae",
                 expect=at_most(0.1),
             ),
@@ -93,17 +142,20 @@ def test_calibration(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
     the forward-algorithm posterior at every observation (the paper's). On held-out
     sequences compute the model's predictive entropy at every scored position (bijection:
     the softmax restricted to the value tokens) and the Bayes entropy; entropy_mae = mean
-    over sequences and positions of |H_model - H_Bayes| in bits. One model per seed.
+    over sequences and positions of |H_model - H_Bayes| in bits. One model per seed. The
+    curve: the same error at every kept checkpoint, on 500 of the held-out sequences.
     """
     batch = tunnel_eval[task]
     runs = tunnel_runs(task)
-    _plateau_note(outcome, runs, tunnels[task])
+    _require_trained(outcome, runs, tunnels[task], batch)
+    outcome.record("context_blind_floor", context_blind_floor(batch), unit="bits", deterministic=True)
     per = []
     for seed, run in runs.items():
         cal = _cal(run, batch)
         outcome.record("entropy_mae", cal.entropy_mae, seed=seed, unit="bits")
         outcome.record("mae_of_means", cal.mae_of_means, seed=seed, unit="bits")
         outcome.record("kl_bayes_model", cal.kl, seed=seed, unit="bits")
+        outcome.record("final_train_loss", run.final_loss(), seed=seed, unit="nats")
         if task.startswith("bijection"):
             outcome.record("leaked_mass", run.model.leaked_mass(batch.tokens[:500]).mean().item(), seed=seed)
         if task == "bijection-repl":
@@ -133,18 +185,47 @@ def test_calibration(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
         logy=True,
         title="per-position error",
     )
-    paper = {"bijection": "0.003-0.007 (V=20)", "bijection-repl": "not reported", "hmm": "7.5e-5 (K=20)"}[task]
-    outcome.table(
-        "paper-vs-ours",
+    # the calibration curve over training, from the kept checkpoints
+    sub = batch.head(500)
+    curves = {seed: _curve(run, sub) for seed, run in runs.items()}
+    steps = sorted(next(iter(curves.values())))
+    outcome.plot_lines(
+        "calibration-over-training",
+        {f"seed {s}": ([max(k, 1) for k in c], [max(v, 1e-5) for v in c.values()]) for s, c in curves.items()},
+        xlabel="training step (0 shown at 1)",
+        ylabel="held-out entropy MAE (bits)",
+        logx=True,
+        logy=True,
+        hlines={"prediction": 0.1 if task == "hmm" else (0.05 if task == "bijection-repl" else 0.01)},
+        title=f"{tunnels[task].name}: calibration over training",
+    )
+    if len(steps) >= 3:
+        last, before = (np.mean([c[s] for c in curves.values()]) for s in (steps[-1], steps[-2]))
+        trend = "still falling" if last < 0.9 * before else "flat"
+        outcome.note(
+            f"The calibration curve is {trend} at the end of training: mean held-out MAE {before:.4g} bits at step "
+            f"{steps[-2]:,} and {last:.4g} at step {steps[-1]:,} (500 held-out sequences)."
+            + (" Longer training would lower it further." if trend == "still falling" else "")
+        )
+    paper = {
+        "bijection": "1e-3 to 1e-4 (abstract); about 0.007 (authors' README)",
+        "bijection-repl": "not reported",
+        "hmm": "7.5e-5 (K=20)",
+    }[task]
+    _table(
+        outcome,
+        lab,
+        tunnels,
+        task,
+        "paper-vs-lab",
         [
             {
                 "quantity": "entropy MAE (bits)",
                 "paper": paper,
-                "ours (mean over seeds)": f"{np.mean([_cal(r, batch).entropy_mae for r in runs.values()]):.4g}",
+                "lab (mean over seeds)": f"{np.mean([_cal(r, batch).entropy_mae for r in runs.values()]):.4g}",
             }
         ],
     )
-    outcome.note(SCALE_NOTE)
     if task.startswith("bijection"):
         outcome.note(
             "mae uses the softmax over the V value tokens; leaked_mass is what the full-vocabulary softmax "
@@ -154,64 +235,131 @@ def test_calibration(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
 
 
 @pytest.mark.parametrize("task", ["bijection", "hmm"])
+@check(
+    "The paper-shaped MLP has within 1% of the transformer's parameters",
+    metric="paper_mlp_param_ratio",
+    expect=between(0.99, 1.01),
+)
+@check(
+    "The information-matched prefix MLP has within 10% of the transformer's parameters",
+    metric="prefix_mlp_param_ratio",
+    expect=between(0.9, 1.1),
+)
 @prediction(
-    "Architectural separation: a capacity-matched MLP's entropy MAE is at least 10x the transformer's",
-    metric="mlp_over_transformer",
+    (
+        "Architectural separation, information-matched: the prefix MLP (sees the whole prefix, parameters within 10%)"
+        " has an entropy MAE at least 10x the transformer's"
+    ),
+    metric="prefix_mlp_over_transformer",
     expect=at_least(10),
 )
+@prediction(
+    (
+        "Architectural separation as the paper measures it: the paper-shaped MLP (18-20 residual layers, parameters "
+        "within 1%, each position seeing its own token and position) has an entropy MAE at least 100x the "
+        "transformer's (the paper's 'orders of magnitude': 618x bijection, 5,467x HMM)"
+    ),
+    metric="paper_mlp_over_transformer",
+    expect=at_least(100),
+)
 def test_mlp_separation(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
-    """Transformer vs capacity-matched MLP.
+    """Transformer vs two attention-free MLPs on the same steps, batches and optimiser.
 
-    The MLP sees exactly what the transformer sees: for each scored position the
+    The prefix MLP is information-matched: for each scored position it sees the
     embeddings of positions 0..p, concatenated (later positions zeroed), plus which
-    position is asked, through residual MLP blocks; its width is chosen so its parameter
-    count is within 10% of the transformer's. Same steps, batch size, optimizer and
-    fresh data. mlp_over_transformer = MLP entropy MAE / transformer MAE, per seed. A
-    context-blind MLP (own token and position only) is the floor it must beat.
+    position is asked, through residual MLP blocks; parameters within 10% of the
+    transformer's. The paper-shaped MLP is deep and wide like the paper's (18-20 residual
+    width x width layers, parameters within 1%) and given the context the way the authors'
+    released MLP control is: each position sees its own token and its position (on the
+    bijection it cannot beat the context-blind floor). Ratio = MLP entropy MAE /
+    transformer MAE, per seed.
     """
     batch = tunnel_eval[task]
-    t_runs, m_runs = tunnel_runs(task), tunnel_runs(task, "mlp")
+    t_runs = tunnel_runs(task)
+    _require_trained(outcome, t_runs, tunnels[task], batch)
+    m_runs, p_runs = tunnel_runs(task, "mlp"), tunnel_runs(task, "paper-mlp")
     for seed in lab.seeds:
-        t, m = _cal(t_runs[seed], batch), _cal(m_runs[seed], batch)
-        outcome.record("mlp_over_transformer", m.entropy_mae / max(t.entropy_mae, 1e-12), seed=seed)
-        outcome.record("mlp_entropy_mae", m.entropy_mae, seed=seed, unit="bits")
+        t, m, p = _cal(t_runs[seed], batch), _cal(m_runs[seed], batch), _cal(p_runs[seed], batch)
+        outcome.record("prefix_mlp_over_transformer", m.entropy_mae / max(t.entropy_mae, 1e-12), seed=seed)
+        outcome.record("paper_mlp_over_transformer", p.entropy_mae / max(t.entropy_mae, 1e-12), seed=seed)
         outcome.record("transformer_entropy_mae", t.entropy_mae, seed=seed, unit="bits")
-    p_runs = tunnel_runs(task, "position-mlp")
-    for seed, run in p_runs.items():
-        outcome.record("context_blind_mae", _cal(run, batch).entropy_mae, seed=seed, unit="bits")
+        outcome.record("prefix_mlp_entropy_mae", m.entropy_mae, seed=seed, unit="bits")
+        outcome.record("paper_mlp_entropy_mae", p.entropy_mae, seed=seed, unit="bits")
     seed0 = lab.seeds[0]
-    counts = {k: n_params(tunnel_runs(task, k)[seed0].model) for k in ("transformer", "mlp", "position-mlp")}
-    outcome.table("parameters", [{"model": k, "parameters": f"{v:,}"} for k, v in counts.items()])
-    paper = {"bijection": "MLP 1.85 bits vs transformer 0.003 (618x)", "hmm": "MLP 0.409 bits vs 7.5e-5 (5,467x)"}[task]
-    outcome.note(f"Paper: {paper}. The paper does not say how its MLP sees the context; ours gets the whole prefix.")
-    if task == "bijection":
-        t = tunnels[task]
-        outcome.note(
-            f"A uniform guess over all {t.n_values} values scores {uniform_floor_bits(t.n_values, t.n_keys):.3f} bits "
-            "(the context-blind floor)."
-        )
+    counts = {k: n_params(tunnel_runs(task, k)[seed0].model) for k in ("transformer", "mlp", "paper-mlp")}
+    outcome.record("prefix_mlp_param_ratio", counts["mlp"] / counts["transformer"], deterministic=True)
+    outcome.record("paper_mlp_param_ratio", counts["paper-mlp"] / counts["transformer"], deterministic=True)
+    floor = outcome.record("context_blind_floor", context_blind_floor(batch), unit="bits", deterministic=True)
+    paper_mlp = p_runs[seed0].model
+    mlp = m_runs[seed0].model
+    shapes = {
+        "transformer": "{} layers x {} heads x d{}".format(*transformer_shape(lab.profile.bayes, task)),
+        "mlp": f"prefix MLP: {len(mlp.body.blocks)} residual blocks, width {mlp.inp.out_features}",
+        "paper-mlp": f"paper-shaped MLP: {len(paper_mlp.blocks)} residual layers, width {paper_mlp.wte.embedding_dim}",
+    }
+    mean = {
+        k: np.mean([_cal(r, batch).entropy_mae for r in tunnel_runs(task, k).values()])
+        for k in ("transformer", "mlp", "paper-mlp")
+    }
+    paper = {
+        "bijection": ("0.003", "MLP 1.85 bits (618x)"),
+        "hmm": ("7.5e-5", "MLP 0.409 bits (5,467x)"),
+    }[task]
+    _table(
+        outcome,
+        lab,
+        tunnels,
+        task,
+        "separation",
+        [
+            {"model": shapes["transformer"], "parameters": f"{counts['transformer']:,}", "paper MAE (bits)": paper[0]}
+            | {"lab MAE (bits, mean over seeds)": f"{mean['transformer']:.4g}", "lab ratio": "1"},
+            {"model": shapes["paper-mlp"], "parameters": f"{counts['paper-mlp']:,}", "paper MAE (bits)": paper[1]}
+            | {
+                "lab MAE (bits, mean over seeds)": f"{mean['paper-mlp']:.4g}",
+                "lab ratio": f"{mean['paper-mlp'] / max(mean['transformer'], 1e-12):.3g}x",
+            },
+            {"model": shapes["mlp"], "parameters": f"{counts['mlp']:,}", "paper MAE (bits)": "not in the paper"}
+            | {
+                "lab MAE (bits, mean over seeds)": f"{mean['mlp']:.4g}",
+                "lab ratio": f"{mean['mlp'] / max(mean['transformer'], 1e-12):.3g}x",
+            },
+        ],
+        caption=(
+            "The paper's 'orders of magnitude' compares its transformer with its deep, wide MLP: the paper-shaped row."
+        ),
+    )
+    outcome.note(
+        f"The best predictor that ignores the context scores {floor:.3f} bits (the context-blind floor). The paper "
+        "does not say how its MLP sees the context; the authors' released MLP control gives each position its own "
+        "token and position only, and so does our paper-shaped MLP. The prefix MLP gets the whole prefix."
+    )
 
 
 @pytest.mark.parametrize("task", ["bijection", "hmm"])
 @prediction(
-    "KL(Bayes || model) is smaller for the transformer than for the MLP (mean over positions)",
+    (
+        "KL(Bayes || model) is smaller for the transformer than for the information-matched prefix MLP (mean over "
+        "positions)"
+    ),
     metric="kl_transformer",
     expect=less_than("kl_mlp"),
 )
-def test_kl_by_position(lab, tunnel_runs, tunnel_eval, task, outcome):
+def test_kl_by_position(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
     """KL divergence from the Bayes posterior, per position.
 
     KL(p_Bayes || q_model) in bits at every scored position of the held-out sequences,
-    for the transformer and the capacity-matched MLP of test_mlp_separation. (The
-    reverse direction is infinite wherever a model gives mass to an eliminated value.)
+    for the transformer, the prefix MLP and the paper-shaped MLP of test_mlp_separation.
+    (The reverse direction is infinite wherever a model gives mass to an eliminated value.)
     """
     batch = tunnel_eval[task]
+    _require_trained(outcome, tunnel_runs(task), tunnels[task], batch)
     curves = {}
-    for kind in ("transformer", "mlp"):
+    for kind in ("transformer", "mlp", "paper-mlp"):
         per = []
         for seed, run in tunnel_runs(task, kind).items():
             cal = _cal(run, batch)
-            outcome.record(f"kl_{kind}", cal.kl, seed=seed, unit="bits")
+            outcome.record(f"kl_{kind.replace('-', '_')}", cal.kl, seed=seed, unit="bits")
             per.append(cal.per_position["kl"])
         mean = np.mean(per, axis=0)
         curves[kind] = (list(range(1, len(mean) + 1)), np.maximum(mean, 1e-6))
@@ -227,12 +375,18 @@ def test_kl_by_position(lab, tunnel_runs, tunnel_eval, task, outcome):
 
 @pytest.mark.parametrize("task", ["bijection-repl", "hmm"])
 @prediction(
-    "The FFN performs the posterior update: zero-ablating a layer's FFN raises the entropy MAE more than zero-ablating its attention (mean over layers)",
+    (
+        "The FFN performs the posterior update: zero-ablating a layer's FFN raises the entropy MAE more than "
+        "zero-ablating its attention (mean over layers)"
+    ),
     metric="ffn_minus_attn_damage",
     expect=greater_than(0),
 )
 @prediction(
-    "A linear probe for the Bayes entropy gains more R^2 across the FFNs than across the attention sub-layers (summed over blocks)",
+    (
+        "A linear probe for the Bayes entropy gains more R^2 across the FFNs than across the attention sub-layers "
+        "(summed over blocks)"
+    ),
     metric="ffn_gain_minus_attn_gain",
     expect=greater_than(0),
 )
@@ -252,7 +406,7 @@ def test_ffn_performs_update(lab, tunnels, tunnel_runs, tunnel_eval, task, outco
     """
     batch = tunnel_eval[task]
     runs = tunnel_runs(task)
-    _plateau_note(outcome, runs, tunnels[task])
+    _require_trained(outcome, runs, tunnels[task], batch)
     dmg_rows, r2_curves = [], {}
     for seed, run in runs.items():
         z = ablation_mae(run.model, batch, mode="zero")
@@ -298,66 +452,123 @@ def test_ffn_performs_update(lab, tunnels, tunnel_runs, tunnel_eval, task, outco
     )
     fig.axes[0].set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     outcome.plot("probe-r2", fig)
-
-
-@pytest.mark.parametrize("task", ["bijection", "bijection-repl"])
-@prediction(
-    "Keys form a near-orthogonal basis: after training, layer 0's keys for the key tokens are more orthogonal (lower mean |cos|) than at initialisation",
-    metric="key_cos",
-    expect=less_than("key_cos_init"),
-)
-def test_key_orthogonality(lab, tunnels, tunnel_runs, task, outcome):
-    """Key orthogonality (the paper's 'orthogonal hypothesis frame').
-
-    For the V key tokens, layer 0's key vectors per head (token embedding through ln_1
-    and W_K, no position, as the authors' analysis code); key_cos = mean |cosine| over
-    distinct token pairs and heads. Compared with the same seed's weights at
-    initialisation (key_cos_init) and with E|cos| of random directions in d_head
-    dimensions.
-    """
-    t = tunnels[task]
-    ids = torch.arange(t.n_values)
-    _plateau_note(outcome, tunnel_runs(task), t)
-    trained, init = [], []
-    for seed, run in tunnel_runs(task).items():
-        outcome.record("key_cos", key_orthogonality(run.model, ids), seed=seed)
-        outcome.record("key_cos_init", key_orthogonality(run.at_step(0), ids), seed=seed)
-        trained.append(key_cosines(run.model, ids).flatten())
-        init.append(key_cosines(run.at_step(0), ids).flatten())
-    d_head = run.model.gpt.config.head_dim
-    baseline = outcome.record("random_baseline", random_cosine_baseline(d_head))
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    bins = np.linspace(0, 1, 41)
-    ax.hist(torch.cat(init).numpy(), bins=bins, alpha=0.6, label="at initialisation")
-    ax.hist(torch.cat(trained).numpy(), bins=bins, alpha=0.6, label="trained")
-    ax.axvline(baseline, color="k", linestyle="--", linewidth=1, label="E|cos| of random directions")
-    ax.set_xlabel("|cosine| between two key tokens' layer-0 keys (all heads, pairs, seeds)")
-    ax.set_ylabel("count")
-    ax.set_title(task)
-    ax.legend(fontsize=8)
-    outcome.plot(
-        "key-cosines", fig, caption="The paper's counterpart: layer-0 mean |cos| 0.052 vs 0.082 for random vectors."
+    _table(
+        outcome,
+        lab,
+        tunnels,
+        task,
+        "paper-vs-lab",
+        [
+            {
+                "quantity": "FFN damage - attention damage (bits, mean over layers and seeds)",
+                "paper": "claimed (FFN updates), no number",
+                "lab": f"{float((ffn - attn).mean()):.4g}",
+            }
+        ],
     )
-    outcome.note("Paper (v3): layer-0 mean |cos| 0.052 vs 0.082 for random vectors.")
+
+
+@prediction(
+    (
+        "Keys form a near-orthogonal basis: in layer 0, the keys of the value tokens (in context, averaged per token)"
+        " have a lower mean |cos| than random directions in d_head dimensions (paper: 0.052 vs 0.082)"
+    ),
+    metric="key_cos_layer0",
+    expect=less_than("random_baseline"),
+)
+@prediction(
+    (
+        "Keys form a near-orthogonal basis in every layer: the value tokens' keys, averaged over all layers and "
+        "heads, have a lower mean |cos| than random directions in d_head dimensions"
+    ),
+    metric="key_cos_all_layers",
+    expect=less_than("random_baseline"),
+)
+def test_key_orthogonality(lab, tunnels, tunnel_runs, tunnel_eval, outcome):
+    """Key orthogonality (the paper's 'orthogonal hypothesis frame'), bijection.
+
+    The tokens whose keys carry information are the value tokens: at a key position the
+    model must find which values have been revealed, while which keys came before says
+    nothing (without replacement). For each layer and head, the key every value token
+    presents in context (hook_k at its positions in 500 held-out sequences, averaged over
+    its occurrences); key_cos = mean |cosine| over the V(V-1)/2 pairs of distinct value
+    tokens. The baseline is the paper's: random directions, E|cos| in d_head dimensions
+    (exact). The authors' own measurement (token embedding through ln_1 and W_K, layer 0,
+    no context) is recorded too.
+    """
+    task = tunnels["bijection"]
+    batch = tunnel_eval["bijection"]
+    runs = tunnel_runs("bijection")
+    _require_trained(outcome, runs, task, batch)
+    tokens = batch.tokens[:500]
+    values = torch.arange(task.n_values, 2 * task.n_values)
+    per_layer = []
+    for seed, run in runs.items():
+        geo = key_geometry(run.model, tokens, values).mean(1)  # (layers,) mean over heads
+        per_layer.append(geo.numpy())
+        outcome.record("key_cos_layer0", geo[0].item(), seed=seed)
+        outcome.record("key_cos_all_layers", geo.mean().item(), seed=seed)
+        for i, v in enumerate(geo.tolist()):
+            outcome.record(f"key_cos_L{i}", v, seed=seed)
+        outcome.record("key_cos_weights_layer0", key_cosines(run.model, values).mean().item(), seed=seed)
+    d_head = run.model.gpt.config.head_dim
+    baseline = outcome.record("random_baseline", random_cosine_baseline(d_head), deterministic=True)
+    mean = np.mean(per_layer, axis=0)
+    outcome.plot(
+        "key-cosines-by-layer",
+        bar_figure(
+            [f"L{i}" for i in range(len(mean))],
+            list(mean),
+            errors=list(np.std(per_layer, axis=0)) if len(per_layer) > 1 else None,
+            ylabel="mean |cos| between value tokens' keys (mean over heads and seeds)",
+            title=f"bijection: key geometry (random directions in d_head={d_head}: {baseline:.3f})",
+        ),
+    )
+    _table(
+        outcome,
+        lab,
+        tunnels,
+        "bijection",
+        "paper-vs-lab",
+        [
+            {
+                "quantity": "layer-0 mean |cos| between keys",
+                "paper": "0.052 (random: 0.082)",
+                "lab (mean over seeds)": f"{mean[0]:.3f} (random: {baseline:.3f})",
+            },
+            {
+                "quantity": "all layers, mean |cos| between keys",
+                "paper": "not reported",
+                "lab (mean over seeds)": f"{mean.mean():.3f} (random: {baseline:.3f})",
+            },
+        ],
+    )
+    outcome.note(
+        "Which tokens the paper's keys are taken from, and in which dimension its random baseline lives, are not "
+        "stated in what we read; ours: the value tokens, in context, against E|cos| in d_head dimensions."
+    )
 
 
 @pytest.mark.parametrize("task", ["bijection", "hmm"])
 @prediction(
-    "Query-key alignment sharpens with depth: attention entropy at the scored positions is lower in the last layer than in the first",
+    (
+        "Query-key alignment sharpens with depth: attention entropy at the scored positions is lower in the last "
+        "layer than in the first"
+    ),
     metric="entropy_first_minus_last",
     expect=greater_than(0),
 )
-def test_attention_sharpens_with_depth(lab, tunnel_runs, tunnel_eval, task, outcome):
+def test_attention_sharpens_with_depth(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
     """Attention focus by depth.
 
     Mean entropy (bits) of every head's attention at the scored positions of the held-out
     sequences, per layer. entropy_first_minus_last = layer 0's minus the last layer's.
     """
     batch = tunnel_eval[task]
+    runs = tunnel_runs(task)
+    _require_trained(outcome, runs, tunnels[task], batch)
     curves = {}
-    for seed, run in tunnel_runs(task).items():
+    for seed, run in runs.items():
         h = attention_entropy_by_layer(run.model, batch.tokens[:500])
         outcome.record("entropy_first_minus_last", h[0] - h[-1], seed=seed, unit="bits")
         curves[f"seed {seed}"] = (list(range(len(h))), h)
@@ -368,33 +579,49 @@ def test_attention_sharpens_with_depth(lab, tunnel_runs, tunnel_eval, task, outc
     )
 
 
-@pytest.mark.parametrize("task", ["bijection-repl", "hmm"])
+@pytest.mark.parametrize("task", ["bijection", "bijection-repl", "hmm"])
 @prediction(
-    "The representation lies on a manifold parameterised by posterior entropy: |Spearman rho| between the last layer's first principal component and the Bayes entropy >= 0.7",
+    (
+        "Value manifold: the first principal component of the last layer's standardised attention values explains >= "
+        "50% of their variance (paper: 84-90%)"
+    ),
+    metric="pc1_share",
+    expect=at_least(0.5),
+)
+@prediction(
+    (
+        "The value manifold is parameterised by posterior entropy: |Spearman rho| between that first principal "
+        "component and the Bayes entropy >= 0.7"
+    ),
     metric="rho",
     expect=at_least(0.7),
 )
 def test_entropy_manifold(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome):
-    """The entropy manifold.
+    """The value manifold, measured as the authors' analysis does.
 
-    PCA of the stream after the last block at the scored positions of 500 held-out
-    sequences; rho = |Spearman correlation| of PC1 with the Bayes entropy. Also the
-    same correlation within each position (rho_within_position), which no position
-    code can produce, and PC1's share of the variance. Plots: the points on PC1/PC2
-    coloured by Bayes entropy.
+    The attention values of the last layer at the scored positions of 500 held-out
+    sequences: each head's attention-weighted sum of value vectors, heads concatenated
+    (before the output projection). Standardised per feature (the authors' StandardScaler),
+    then PCA. pc1_share = PC1's share of the variance; rho = |Spearman correlation| of PC1
+    with the Bayes entropy. rho_within_position repeats it within each position where the
+    entropy varies (bijection with repeated keys, HMM): on the bijection without
+    replacement the entropy is a function of position. The residual stream after the last
+    block (centred, not standardised) is recorded beside it.
     """
     batch = tunnel_eval[task]
-    sub = type(batch)(
-        batch.tokens[:500], batch.positions, batch.targets[:500], batch.posterior[:500], batch.entropy[:500]
-    )
+    runs = tunnel_runs(task)
+    _require_trained(outcome, runs, tunnels[task], batch)
+    sub = batch.head(500)
     shown = None
-    _plateau_note(outcome, tunnel_runs(task), tunnels[task])
-    for seed, run in tunnel_runs(task).items():
-        m = manifold(run.model, sub)
+    for seed, run in runs.items():
+        m = value_manifold(run.model, sub)
+        outcome.record("pc1_share", m["pc1_share"], seed=seed)
         outcome.record("rho", m["rho"], seed=seed)
         if not math.isnan(m["rho_within_position"]):
             outcome.record("rho_within_position", m["rho_within_position"], seed=seed)
-        outcome.record("pc1_share", m["pc1_share"], seed=seed)
+        r = manifold(run.model, sub)
+        outcome.record("resid_pc1_share", r["pc1_share"], seed=seed)
+        outcome.record("resid_rho", r["rho"], seed=seed)
         if shown is None:
             shown = m
     outcome.plot(
@@ -402,36 +629,69 @@ def test_entropy_manifold(lab, tunnels, tunnel_runs, tunnel_eval, task, outcome)
         scatter_grid(
             [shown["points"]], [shown["entropy"]], titles=[f"{task}, seed {lab.seeds[0]}"], label="Bayes entropy (bits)"
         ),
-        caption="Each point: one scored position of one sequence, on the last layer's PC1 / PC2.",
+        caption=(
+            "Each point: one scored position of one sequence, on PC1 / PC2 of the last layer's standardised attention"
+            " values."
+        ),
     )
-    outcome.note("Paper: PC1 explains 84-90% of the value representations' variance and orders them by entropy.")
+    pc1 = outcome.measurements["pc1_share"]
+    rho = outcome.measurements["rho"]
+    _table(
+        outcome,
+        lab,
+        tunnels,
+        task,
+        "paper-vs-lab",
+        [
+            {
+                "quantity": "PC1 share of variance",
+                "paper": "84-90%",
+                "lab (mean over seeds)": f"{np.mean(list(pc1.values())):.1%}",
+            },
+            {
+                "quantity": "|rho(PC1, Bayes entropy)|",
+                "paper": "strong (figures)",
+                "lab (mean over seeds)": f"{np.mean(list(rho.values())):.3f}",
+            },
+        ],
+    )
 
 
 @prediction(
-    "Frame before precision: when the attention patterns have settled (drift to the final model <= 10% of the drift at initialisation), the entropy MAE is still at least 5x its final value",
+    (
+        "Frame before precision: when the attention patterns have settled (drift to the final model <= 10% of the "
+        "drift at initialisation), the entropy MAE is still at least 5x its final value"
+    ),
     metric="mae_ratio_at_frame",
     expect=at_least(5),
 )
-def test_frame_precision(lab, tunnel_runs, tunnel_eval, outcome):
-    """Frame-precision dissociation over training (bijection).
+def test_frame_precision(lab, tunnels, tunnel_runs, tunnel_eval, outcome):
+    """Frame-precision dissociation over the whole training run (bijection).
 
-    Weights kept at log-spaced steps. At each, on 500 held-out sequences: attention
-    drift = mean Jensen-Shannon divergence (nats) between its attention patterns and the
-    final model's at the scored positions, over layers and heads; and the entropy MAE.
-    The frame step is the first kept step whose drift is <= 10% of the drift at step 0;
-    mae_ratio_at_frame = MAE there / final MAE.
+    Weights kept at log-spaced steps from initialisation to the end of the run. At each,
+    on 500 held-out sequences: attention drift = mean Jensen-Shannon divergence (nats)
+    between its attention patterns and the final model's at the scored positions, over
+    layers and heads; and the entropy MAE. The frame step is the first kept step whose
+    drift is <= 10% of the drift at step 0; mae_ratio_at_frame = MAE there / final MAE.
     """
     batch = tunnel_eval["bijection"]
-    tokens = batch.tokens[:500]
-    sub = type(batch)(tokens, batch.positions, batch.targets[:500], batch.posterior[:500], batch.entropy[:500])
-    drift_lines, mae_lines = {}, {}
-    for seed, run in tunnel_runs("bijection").items():
+    runs = tunnel_runs("bijection")
+    _require_trained(outcome, runs, tunnels["bijection"], batch)
+    sub = batch.head(500)
+    steps_total = train_settings(lab.profile.bayes, "bijection")["steps"]
+    drift_lines, mae_lines, frames, ratios = {}, {}, [], []
+    for seed, run in runs.items():
         steps = sorted(run.kept)
-        drifts = {s: attention_drift(run.at_step(s), run.model, tokens) for s in steps}
-        maes = {s: calibration(predict(run.at_step(s), tokens), sub).entropy_mae for s in steps}
+        drifts = {s: attention_drift(run.at_step(s), run.model, sub.tokens) for s in steps}
+        maes = _curve(run, sub)
         f = frame_step(drifts)
+        frames.append(f)
+        ratios.append(maes[f] / max(maes[steps[-1]], 1e-12))
         outcome.record("frame_step", f, seed=seed)
-        outcome.record("mae_ratio_at_frame", maes[f] / max(maes[steps[-1]], 1e-12), seed=seed)
+        outcome.record("frame_fraction_of_run", f / steps_total, seed=seed)
+        outcome.record("mae_ratio_at_frame", ratios[-1], seed=seed)
+        outcome.record("mae_at_frame", maes[f], seed=seed, unit="bits")
+        outcome.record("final_mae", maes[steps[-1]], seed=seed, unit="bits")
         xs = [max(s, 1) for s in steps]
         drift_lines[f"seed {seed}"] = (xs, [drifts[s] for s in steps])
         mae_lines[f"seed {seed}"] = (xs, [maes[s] for s in steps])
@@ -443,11 +703,6 @@ def test_frame_precision(lab, tunnel_runs, tunnel_eval, outcome):
         logx=True,
         title="the frame settles",
     )
-    outcome.note(
-        "Paper: attention maps stabilise early while the value manifold keeps refining (figures at 100k vs "
-        "150k steps); the authors' later note: the attention frame plateaus by step 2.5k while the MAE is "
-        "0.03 bits and then falls about 40x more over 47k steps."
-    )
     outcome.plot_lines(
         "precision",
         mae_lines,
@@ -456,4 +711,28 @@ def test_frame_precision(lab, tunnel_runs, tunnel_eval, outcome):
         logx=True,
         logy=True,
         title="precision keeps improving",
+    )
+    _table(
+        outcome,
+        lab,
+        tunnels,
+        "bijection",
+        "paper-vs-lab",
+        [
+            {
+                "quantity": "when the frame settles",
+                "paper": "by step 2.5k of 50k (authors' note)",
+                "lab (mean over seeds)": f"step {np.mean(frames):,.0f} of {steps_total:,}",
+            },
+            {
+                "quantity": "MAE at the frame step / final MAE",
+                "paper": "about 40x (0.03 bits, then falling)",
+                "lab (mean over seeds)": f"{np.mean(ratios):.3g}x",
+            },
+        ],
+    )
+    outcome.note(
+        "Paper: attention maps stabilise early while the value manifold keeps refining (figures at 100k vs "
+        "150k steps); the authors' later note: the attention frame plateaus by step 2.5k while the MAE is "
+        "0.03 bits and then falls about 40x more over 47k steps."
     )
