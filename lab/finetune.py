@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +29,28 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lab.checks import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Rule,
+    bounded_int,
+    check_fields,
+    check_relations,
+    from_dict,
+    number,
+    one_of,
+    optional,
+)
 from lab.data import TokenData, get_batch
-from lab.paths import cache_dir
+from lab.paths import cache_dir, cache_lock
 from lab.seeding import seed_everything
 from lab.train.schedule import lr_at
 
 METHODS = ("full", "lora", "qlora")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -63,40 +73,41 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def fail(name, expected):
-            raise ValueError(f"FinetuneConfig.{name} must be {expected}, got {getattr(self, name)!r}")
-
-        if self.method not in METHODS:
-            fail("method", f"one of {METHODS}")
-        for name in ("rank", "steps", "batch_size", "block_size", "eval_interval", "eval_batches"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                fail(name, "an int >= 1")
-        if not _is_int(self.seed) or self.seed < 0:
-            fail("seed", "an int >= 0")
-        if not _is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.steps:
-            fail("warmup_steps", f"an int in [0, steps={self.steps}]")
-        if (
-            not isinstance(self.lr, (int, float))
-            or isinstance(self.lr, bool)
-            or not math.isfinite(self.lr)
-            or self.lr <= 0
-        ):
-            fail("lr", "a finite number > 0")
-        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
-            fail("alpha", "None or a number > 0")
-        if not isinstance(self.replay_fraction, (int, float)) or not 0 <= self.replay_fraction < 1:
-            fail("replay_fraction", "a number in [0, 1)")
-        if round(self.batch_size * self.replay_fraction) >= self.batch_size:
-            fail("replay_fraction", f"small enough to leave new-task rows in a batch of {self.batch_size}")
-        for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                fail(name, "a number >= 0")
-        if (
-            not isinstance(self.target_modules, tuple)
-            or not self.target_modules
-            or not all(isinstance(t, str) and t for t in self.target_modules)
-        ):
-            fail("target_modules", "a non-empty tuple of module names")
+        check_fields(
+            self,
+            {
+                "method": one_of(METHODS),
+                "rank": POSITIVE_INT,
+                "steps": POSITIVE_INT,
+                "batch_size": POSITIVE_INT,
+                "block_size": POSITIVE_INT,
+                "eval_interval": POSITIVE_INT,
+                "eval_batches": POSITIVE_INT,
+                "seed": NON_NEGATIVE_INT,
+                "warmup_steps": bounded_int(0, self.steps, "steps"),
+                "lr": POSITIVE,
+                "alpha": optional(POSITIVE),
+                "replay_fraction": number(0, 1, high_open=True),
+                "weight_decay": NON_NEGATIVE,
+                "grad_clip": NON_NEGATIVE,
+                "min_lr_ratio": NON_NEGATIVE,
+                "target_modules": Rule(
+                    "a non-empty tuple of module names",
+                    lambda t: isinstance(t, tuple) and bool(t) and all(isinstance(m, str) and m for m in t),
+                ),
+            },
+        )
+        check_relations(
+            self,
+            [
+                (
+                    round(self.batch_size * self.replay_fraction) < self.batch_size,
+                    "replay_fraction",
+                    f"small enough to leave new-task rows in a batch of {self.batch_size}",
+                    self.replay_fraction,
+                )
+            ],
+        )
 
     @property
     def lora_alpha(self) -> float:
@@ -114,6 +125,10 @@ class FinetuneConfig:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        return from_dict(cls, d, convert={"target_modules": tuple})
 
 
 @dataclass
@@ -148,10 +163,7 @@ class FinetuneResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> FinetuneResult:
-        d = dict(d)
-        cfg = dict(d.pop("config"))
-        cfg["target_modules"] = tuple(cfg["target_modules"])
-        return cls(config=FinetuneConfig(**cfg), **d)
+        return from_dict(cls, d, convert={"config": FinetuneConfig.from_dict})
 
 
 # ------------------------------------------------------------------ data
@@ -358,10 +370,17 @@ def finetune(
     bh = base_hash(base_dir)
     key = _run_key(bh, cfg, new, old)
     run_dir = cache_dir("finetune", key)
-    done = run_dir / "result.json"
-    if done.exists():
-        return FinetuneResult.from_dict(json.loads(done.read_text()))
+    # one process fine-tunes a given run; another (an xdist worker) waits and reuses it
+    with cache_lock(run_dir, what="fine-tuning run"):
+        done = run_dir / "result.json"
+        if done.exists():
+            return FinetuneResult.from_dict(json.loads(done.read_text()))
+        return _train(base_dir, bh, key, run_dir, new, old, cfg, device=device, progress=progress)
 
+
+def _train(
+    base_dir, bh: str, key: str, run_dir: Path, new: TokenData, old: TokenData, cfg: FinetuneConfig, *, device, progress
+) -> FinetuneResult:
     seed_everything(cfg.seed)
     model = prepare_model(base_dir, cfg, device)
     model.train()
@@ -475,7 +494,3 @@ def load_finetuned(result: FinetuneResult, *, base_dir=None, merge: bool = False
     if merge and result.config.method == "lora":
         return model.merge_and_unload()
     return model
-
-
-def with_config(cfg: FinetuneConfig, **changes) -> FinetuneConfig:
-    return replace(cfg, **changes)

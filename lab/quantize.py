@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lab.checks import check_int, check_number, is_int
 from lab.data import get_batch
 from lab.seeding import seed_everything
 from lab.train.schedule import lr_at
@@ -68,13 +69,9 @@ BNB_METHODS = ("int8", "nf4", "fp4")
 SCALE_BYTES = 2  # one fp16 scale per output channel
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def check_bits(bits) -> int:
     """`bits` as an int, or ValueError naming the value and the supported widths."""
-    if not _is_int(bits) or int(bits) not in SUPPORTED_BITS:
+    if not is_int(bits, numpy=True) or int(bits) not in SUPPORTED_BITS:
         raise ValueError(
             f"unsupported bit width {bits!r}: round-to-nearest symmetric quantization supports "
             f"bits in {list(SUPPORTED_BITS)} (integers; 1 bit leaves no level but 0 in a "
@@ -293,12 +290,9 @@ def qat_finetune(
     if bits is not None:
         bits = check_bits(bits)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("block_size", block_size)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        check_int(name, value, 1, numpy=True)
+    check_int("seed", seed, 0, numpy=True)
+    check_number("lr", lr, 0, low_open=True)
     if not isinstance(data_array, np.ndarray) or data_array.ndim != 1:
         raise ValueError(f"data_array must be a 1-D numpy array of token ids, got {type(data_array).__name__}")
 

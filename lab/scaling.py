@@ -30,6 +30,8 @@ from itertools import combinations
 
 import numpy as np
 
+from lab.checks import PROBABILITY, check_int
+
 FLOPS_PER_PARAM_TOKEN = 6.0  # C = 6 N D
 EXPONENT_RANGE = (1e-3, 4.0)  # exponents are searched inside this interval
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. (2022): about 20 tokens per parameter
@@ -164,8 +166,7 @@ def fit_power_law(N: Sequence[float], L: Sequence[float], *, grid: int = 400) ->
     lengths."""
     N, L = _check_inputs("fit_power_law", 3, "E, A, alpha", N=N, L=L)
     _check_distinct("fit_power_law", N, "N", 3, "with two sizes every alpha fits equally well")
-    if not (isinstance(grid, int) and grid >= 10):
-        raise ValueError(f"grid must be an int >= 10, got {grid!r}")
+    check_int("grid", grid, 10)
     n0 = math.exp(np.log(N).mean())
     logx = np.log(N / n0)
 
@@ -247,8 +248,7 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], *
     why = "with two values its coefficient and exponent trade off exactly"
     _check_distinct("fit_chinchilla", N, "N", 3, why)
     _check_distinct("fit_chinchilla", D, "D", 3, why)
-    if not (isinstance(grid, int) and grid >= 5):
-        raise ValueError(f"grid must be an int >= 5, got {grid!r}")
+    check_int("grid", grid, 5)
     n0, d0 = math.exp(np.log(N).mean()), math.exp(np.log(D).mean())
     logx, logd = np.log(N / n0), np.log(D / d0)
 
@@ -397,10 +397,8 @@ def bootstrap_fit(
     n = arrs[0].size
     if any(a.ndim != 1 or a.size != n for a in arrs):
         raise ValueError(f"bootstrap_fit: arrays must be 1-D and of equal length, got shapes {[a.shape for a in arrs]}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 10:
-        raise ValueError(f"n_boot must be an int >= 10, got {n_boot!r}")
-    if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    check_int("n_boot", n_boot, 10)
+    PROBABILITY.check("confidence", confidence)
     full = fit_fn(*arrs)
 
     def quantities(fit) -> dict[str, float]:

@@ -10,6 +10,7 @@ trained models at the active profile's scale, caching training runs on disk.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -20,22 +21,49 @@ from pathlib import Path
 import lab as lab_package
 from lab.data import TokenData, load_corpus, prepare
 from lab.models import GPTConfig
-from lab.paths import cache_dir
+from lab.paths import cache_dir, cache_lock
 from lab.profiles import ModelScale, Profile, get_profile
 from lab.tokenizers import get_tokenizer
 from lab.train import TrainConfig, TrainingDivergedError, TrainResult, train
+from lab.train.checkpoint import CheckpointError
+
+
+def normalised_source(source: str) -> str:
+    """A module's syntax tree without docstrings or positions: reformatting, comments and
+    docstring edits never change it; any change to what the code does (decorators
+    included) does."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of the model and trainer source: a cached run is reused only by the same code."""
+    """Hash of the model and trainer code (their normalised source, see normalised_source):
+    a cached run is reused only by the same code, and formatting alone never invalidates it."""
     root = Path(lab_package.__file__).parent
+    files = [f for sub in ("models", "train", "data", "tokenizers") for f in sorted((root / sub).rglob("*.py"))]
     h = hashlib.sha256()
-    for sub in ("models", "train", "data", "tokenizers"):
-        for f in sorted((root / sub).rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode())
-            h.update(f.read_bytes())
+    for f in [*files, root / "checks.py"]:
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(normalised_source(f.read_text(encoding="utf-8")).encode())
     return h.hexdigest()[:16]
+
+
+def _schedule(scale) -> dict:
+    """The TrainConfig fields a profile's scale sets: steps, batch, lr, warmup, evaluation."""
+    return dict(
+        max_steps=scale.steps,
+        batch_size=scale.batch_size,
+        lr=scale.lr,
+        warmup_steps=scale.warmup_steps,
+        eval_interval=scale.eval_interval,
+        eval_batches=scale.eval_batches,
+    )
 
 
 class Lab:
@@ -94,15 +122,7 @@ class Lab:
 
     def arch_pretrain(self, data: TokenData, model_config: GPTConfig, *, seed: int, **train_overrides) -> TrainResult:
         """pretrain() with the architecture ablations' shared budget (steps, batch, lr)."""
-        a = self.profile.architecture
-        budget = dict(
-            max_steps=a.steps,
-            batch_size=a.batch_size,
-            lr=a.lr,
-            warmup_steps=a.warmup_steps,
-            eval_interval=a.eval_interval,
-            eval_batches=a.eval_batches,
-        )
+        budget = _schedule(self.profile.architecture)
         return self.pretrain(data, model_config, seed=seed, **{**budget, **train_overrides})
 
     def llama_config(self, data: TokenData, scale: ModelScale | None = None, **overrides) -> GPTConfig:
@@ -112,17 +132,7 @@ class Lab:
         return self.model_config(data, scale or self.profile.inference.llama, **{**llama, **overrides})
 
     def train_config(self, *, seed: int, **overrides) -> TrainConfig:
-        p = self.profile.pretraining
-        base = TrainConfig(
-            max_steps=p.steps,
-            batch_size=p.batch_size,
-            lr=p.lr,
-            warmup_steps=p.warmup_steps,
-            eval_interval=p.eval_interval,
-            eval_batches=p.eval_batches,
-            seed=seed,
-            device=self.device,
-        )
+        base = TrainConfig(**_schedule(self.profile.pretraining), seed=seed, device=self.device)
         cfg = replace(base, **overrides)
         if "max_steps" in overrides and "warmup_steps" not in overrides:
             cfg = replace(cfg, warmup_steps=min(cfg.warmup_steps, cfg.max_steps // 10))
@@ -141,11 +151,24 @@ class Lab:
         weights (their hash joins the key). A run that diverges raises
         TrainingDivergedError (also on a cache hit: the divergence is cached)."""
         tc = self.train_config(seed=seed, **train_overrides)
+        run_dir = self.run_dir(data, model_config, seed=seed, init_from=init_from, **train_overrides)
+        # one process trains a given run; another (an xdist worker) waits and reuses it
+        with cache_lock(run_dir, what="training run"):
+            return self._train_or_load(run_dir, model_config, tc, data, init_from)
+
+    def run_dir(
+        self, data: TokenData, model_config: GPTConfig, *, seed: int, init_from=None, **train_overrides
+    ) -> Path:
+        """The cache folder pretrain() trains this run into (or loads it from):
+        $LAB_CACHE/runs/<key>, with its checkpoints, TensorBoard events and about.json."""
+        tc = self.train_config(seed=seed, **train_overrides)
         spec = {"model": model_config.to_dict(), "train": tc.to_dict(), "data": data.identity, "code": code_version()}
         if init_from is not None:
             spec["init"] = weights_hash(init_from)
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-        run_dir = cache_dir("runs", key)
+        return cache_dir("runs", key)
+
+    def _train_or_load(self, run_dir: Path, model_config: GPTConfig, tc, data: TokenData, init_from) -> TrainResult:
         diverged = run_dir / "diverged.json"
         if diverged.exists():
             info = json.loads(diverged.read_text())
@@ -153,7 +176,12 @@ class Lab:
                 info["message"], step=info["step"], history=info["history"], evals=info["evals"]
             )
         if (run_dir / "done").exists():
-            return TrainResult.load(run_dir / "last")
+            try:
+                return TrainResult.load(run_dir / "last")
+            except (CheckpointError, FileNotFoundError) as exc:
+                raise CheckpointError(
+                    f"the cached training run {run_dir} cannot be trusted ({exc}); delete that directory to retrain"
+                ) from exc
         try:
             result = train(
                 model_config,

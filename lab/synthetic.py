@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lab.textstats import distinct_n as _distinct_n
+from lab.checks import (
+    FRACTION,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Rule,
+    check_choice,
+    check_int,
+    is_int,
+)
+from lab.diversity import distinct_n as _distinct_n
 
 UNITS = ("char", "word")
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
@@ -34,46 +44,13 @@ _WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 # ---------------------------------------------------------------- argument checks
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_n_chars(n_chars, name: str = "n_chars") -> None:
-    if not _is_int(n_chars) or n_chars <= 0:
-        raise ValueError(f"{name} must be an int > 0, got {n_chars!r}")
-
-
-def _check_temperature(temperature) -> None:
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or temperature <= 0
-    ):
-        raise ValueError(
-            f"temperature must be a finite number > 0 (0 would be greedy decoding: every stream "
-            f"the same text), got {temperature!r}"
-        )
-
-
-def _check_fraction(real_fraction) -> None:
-    if (
-        isinstance(real_fraction, bool)
-        or not isinstance(real_fraction, (int, float))
-        or not math.isfinite(real_fraction)
-        or not 0 <= real_fraction <= 1
-    ):
-        raise ValueError(f"real_fraction must be a number in [0, 1], got {real_fraction!r}")
+# 0 would be greedy decoding: every stream the same text
+TEMPERATURE = Rule("a finite number > 0 (0 would be greedy decoding: every stream the same text)", POSITIVE.ok)
 
 
 def _check_text(text, what: str) -> None:
     if not isinstance(text, str):
         raise ValueError(f"{what} must be a str, got {type(text).__name__}")
-
-
-def _check_unit(unit) -> None:
-    if unit not in UNITS:
-        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
 
 
 def check_vocabulary(text: str, tokenizer) -> None:
@@ -118,12 +95,10 @@ def sample_corpus(
     training. The same model, seed and arguments give the same text (on the same device).
     The text only holds characters of the tokenizer's vocabulary.
     """
-    _check_n_chars(n_chars)
-    _check_temperature(temperature)
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    if not _is_int(n_streams) or n_streams < 1:
-        raise ValueError(f"n_streams must be an int >= 1, got {n_streams!r}")
+    POSITIVE_INT.check("n_chars", n_chars)
+    TEMPERATURE.check("temperature", temperature)
+    NON_NEGATIVE_INT.check("seed", seed)
+    POSITIVE_INT.check("n_streams", n_streams)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"prompt must be a non-empty str, got {prompt!r}")
     check_vocabulary(prompt, tokenizer)
@@ -133,8 +108,7 @@ def sample_corpus(
             f"the model's vocab_size {model.config.vocab_size} is below the tokenizer's {tokenizer.vocab_size}"
         )
     context = block // 2 if context is None else context
-    if not _is_int(context) or not 1 <= context < block:
-        raise ValueError(f"context must be an int in [1, block_size={block}), got {context!r}")
+    Rule(f"an int in [1, block_size={block})", lambda c: is_int(c) and 1 <= c < block).check("context", context)
     ids = tokenizer.encode(prompt)[-context:]
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -163,15 +137,14 @@ def sample_corpus(
 def units(text: str, unit: str = "char") -> list[str]:
     """The text as characters, or as lower-cased words (runs of letters, inner apostrophes kept)."""
     _check_text(text, "text")
-    _check_unit(unit)
+    check_choice("unit", unit, UNITS)
     return list(text) if unit == "char" else _WORD.findall(text.lower())
 
 
 def distinct_n(text: str, n: int, unit: str = "char") -> float:
     """Distinct-n: unique n-grams / all n-grams of the text's characters or words. It falls
     as a text grows, so compare texts of equal length only."""
-    if not _is_int(n) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    check_int("n", n, 1)
     seq = units(text, unit)
     if len(seq) < n:
         raise ValueError(f"distinct_n needs at least n={n} {unit}s, the text has {len(seq)}")
@@ -229,8 +202,8 @@ def diversity(text: str, *, reference: str | None = None, vocabulary: Iterable[s
 
 def mix_counts(n_chars: int, real_fraction: float) -> tuple[int, int]:
     """(real, synthetic) characters of an n_chars mix: round(real_fraction * n_chars) real."""
-    _check_n_chars(n_chars)
-    _check_fraction(real_fraction)
+    POSITIVE_INT.check("n_chars", n_chars)
+    FRACTION.check("real_fraction", real_fraction)
     n_real = round(real_fraction * n_chars)
     return n_real, n_chars - n_real
 
@@ -242,8 +215,7 @@ def mix_texts(real: str, synthetic: str, real_fraction: float, n_chars: int, *, 
     _check_text(real, "real")
     _check_text(synthetic, "synthetic")
     n_real, n_syn = mix_counts(n_chars, real_fraction)
-    if not _is_int(chunk) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    check_int("chunk", chunk, 1)
     for name, text, need in (("real", real, n_real), ("synthetic", synthetic, n_syn)):
         if len(text) < need:
             raise ValueError(f"{name} text has {len(text):,} characters; the mix needs {need:,}")
@@ -305,13 +277,12 @@ def collapse_chain(
     from lab.data import prepare
 
     _check_text(real_text, "real_text")
-    _check_n_chars(n_chars)
-    _check_fraction(real_fraction)
-    _check_temperature(temperature)
-    if not _is_int(generations) or generations < 1:
-        raise ValueError(f"generations must be an int >= 1, got {generations!r}")
+    POSITIVE_INT.check("n_chars", n_chars)
+    FRACTION.check("real_fraction", real_fraction)
+    TEMPERATURE.check("temperature", temperature)
+    check_int("generations", generations, 1)
     sample_chars = n_chars if sample_chars is None else sample_chars
-    _check_n_chars(sample_chars, "sample_chars")
+    POSITIVE_INT.check("sample_chars", sample_chars)
     if len(real_text) < n_chars:
         raise ValueError(f"real_text has {len(real_text):,} characters; each generation trains on n_chars={n_chars:,}")
     check_vocabulary(real_text[:n_chars], tokenizer)

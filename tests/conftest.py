@@ -1,6 +1,6 @@
 from hypothesis import settings
 
-pytest_plugins = ["pytester"]
+# pytester is enabled in the root conftest.py: pytest_plugins is only allowed there
 
 # Property tests check behaviour, not speed: hypothesis' default 200 ms per-example
 # deadline is a timed assert, and on shared 2-core CI machines it fails at random.

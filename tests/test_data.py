@@ -158,7 +158,7 @@ def test_split_text_is_deterministic_and_contiguous():
 
 @pytest.mark.parametrize("bad", [0, 1, -0.1, 1.5, float("nan"), "0.1", True])
 def test_split_text_bad_fraction(bad):
-    with pytest.raises(ValueError, match=r"val_fraction must be a number with 0 < x < 1"):
+    with pytest.raises(ValueError, match=r"val_fraction must be a number in \(0, 1\)"):
         split_text("some text to split", bad)
 
 
@@ -206,9 +206,9 @@ def test_get_batch_too_short():
 
 def test_get_batch_bad_arguments():
     g = torch.Generator()
-    with pytest.raises(ValueError, match="block_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="block_size must be an int >= 1, got 0"):
         get_batch(_tokens(), 0, 4, g)
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         get_batch(_tokens(), 8, 2.0, g)
     with pytest.raises(ValueError, match="generator must be a torch.Generator"):
         get_batch(_tokens(), 8, 2, 0)
@@ -229,7 +229,7 @@ def test_sliding_window_dataset():
     assert len(strided) == 18 and torch.equal(strided[1][0], torch.arange(5, 15))
     with pytest.raises(ValueError, match="corpus too short: 10 tokens, need more than block_size=10"):
         SlidingWindowDataset(_tokens(10), block_size=10)
-    with pytest.raises(ValueError, match="stride must be a positive int"):
+    with pytest.raises(ValueError, match="stride must be an int >= 1"):
         SlidingWindowDataset(_tokens(100), block_size=10, stride=0)
 
 
@@ -290,9 +290,9 @@ def test_prepare_train_fraction_shrinks_only_train(lab_cache):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"train_fraction": 0}, "train_fraction must be a number with 0 < x <= 1"),
-        ({"train_fraction": 1.5}, "train_fraction must be a number with 0 < x <= 1"),
-        ({"val_fraction": 1.0}, "val_fraction must be a number with 0 < x < 1"),
+        ({"train_fraction": 0}, r"train_fraction must be a number in \(0, 1\]"),
+        ({"train_fraction": 1.5}, r"train_fraction must be a number in \(0, 1\]"),
+        ({"val_fraction": 1.0}, r"val_fraction must be a number in \(0, 1\)"),
         ({"train_fraction": 1e-9}, "leaves no training text"),
     ],
 )

@@ -35,7 +35,7 @@ from lab.inspect.residual import (
 )
 from lab.inspect.texts import repeated_random, windows
 from lab.models import GPT, GPTConfig
-from lab.models.gpt import apply_rope, rope_tables
+from lab.models.positions import apply_rope, rope_tables
 
 
 def _gpt(**overrides):
@@ -260,13 +260,14 @@ def test_post_norm_lab_model_resid_mid_is_the_normed_stream():
     )
 
 
-def test_pattern_hook_matches_attention_patterns_method():
+def test_pattern_hook_gives_softmax_weights_inside_the_window():
     model = _gpt(pos="alibi", sliding_window=5)
     idx = _idx()
     _, c = run_with_cache(model, idx, ["blocks.*.attn.hook_pattern"])
-    for i, p in enumerate(model.attention_patterns(idx)):
-        torch.testing.assert_close(c[f"blocks.{i}.attn.hook_pattern"], p)
-    assert (c["blocks.0.attn.hook_pattern"][..., 10, :5] == 0).all()  # outside the window
+    for i in range(len(model.blocks)):
+        p = c[f"blocks.{i}.attn.hook_pattern"]
+        torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)))
+        assert (p[..., 10, :5] == 0).all()  # outside the window
 
 
 def test_bert_post_norm_identities_and_output(tiny_bert):

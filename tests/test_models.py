@@ -30,7 +30,7 @@ def test_config_round_trips_through_dict():
 
 
 def test_config_rejects_n_embd_not_divisible_by_n_head():
-    with pytest.raises(ValueError, match=r"n_embd \(30\).*n_head \(4\)"):
+    with pytest.raises(ValueError, match=r"GPTConfig.n_embd must be divisible by n_head \(4\), got 30"):
         GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_embd=30)
 
 
@@ -83,7 +83,7 @@ def test_config_with_components_round_trips_and_old_dicts_still_load():
 
 
 def test_config_rejects_n_head_not_divisible_by_n_kv_head():
-    with pytest.raises(ValueError, match=r"n_head \(4\).*n_kv_head \(3\)"):
+    with pytest.raises(ValueError, match=r"GPTConfig.n_head must be divisible by n_kv_head \(3\), got 4"):
         GPTConfig(**{**TINY, "n_head": 4}, n_kv_head=3)
 
 
@@ -117,14 +117,18 @@ def test_config_rejects_bad_component_values(field, value):
 
 
 def test_config_rejects_sliding_window_with_learned_positions():
-    with pytest.raises(ValueError, match=r"sliding_window=4 needs pos 'rope' or 'none'.*'learned'"):
+    with pytest.raises(
+        ValueError,
+        match=r"GPTConfig.pos must be one that reaches past block_size \(not 'learned'\) with sliding_window=4, "
+        "got 'learned'",
+    ):
         GPTConfig(**TINY, sliding_window=4)
     GPTConfig(**TINY, sliding_window=4, pos="rope")
     GPTConfig(**TINY, sliding_window=4, pos="none")
 
 
 def test_config_rejects_rope_with_odd_head_size():
-    with pytest.raises(ValueError, match="even head size.*got 5"):
+    with pytest.raises(ValueError, match=r"n_embd / n_head must be even for pos='rope', got 5"):
         GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=10, pos="rope")
 
 
@@ -313,11 +317,14 @@ def test_llama_style_components():
 
 def test_rope_rotates_by_relative_position():
     # attention scores between rotated q and k depend only on the position offset
-    from lab.models.gpt import apply_rope, rope_tables
+    from lab.models.positions import apply_rope, rope_tables
 
     cos, sin = rope_tables(20, 8, 10000.0)
     q, k = torch.randn(8), torch.randn(8)
-    score = lambda i, j: (apply_rope(q, cos[i], sin[i]) @ apply_rope(k, cos[j], sin[j])).item()
+
+    def score(i, j):
+        return (apply_rope(q, cos[i], sin[i]) @ apply_rope(k, cos[j], sin[j])).item()
+
     assert score(5, 2) == pytest.approx(score(15, 12), abs=1e-5)
     assert score(0, 0) == pytest.approx((q @ k).item(), abs=1e-6)
 

@@ -23,8 +23,8 @@ from lab.ablations import (
     normalized_entropy,
     summary_rows,
 )
+from lab.inspect.probes import ProbeResult, control_labels, fit_probe
 from lab.models import GPT, GPTConfig
-from lab.probes import ProbeResult, control_labels, fit_probe
 from lab.train import CheckpointError, TrainConfig, evaluate, make_optimizer, train, train_step
 from lab.train.objectives import OBJECTIVES, next_token_nll, objective_batch
 

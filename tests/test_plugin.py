@@ -89,7 +89,7 @@ def test_verdicts_failures_and_summary(project):
     assert "missing outcome: the test recorded no measurements" in out
     assert "is nan (not finite)" in out
     assert "LLM Lab verdicts (profile: smoke" in out
-    assert "2 confirmed, 1 refuted, 0 inconclusive, 4 failed, 1 skipped" in out
+    assert "2 confirmed, 1 refuted, 0 inconclusive, 0 invalid, 0 checks, 4 failed, 1 skipped" in out
     assert "x is at least 2 -- x >= 1" in out  # parameters fill the prediction text
 
     runs = _rows(project, "SELECT * FROM runs")

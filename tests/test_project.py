@@ -1,9 +1,12 @@
 """The project's promises about itself: README commands, CI, markers, the CLI."""
 
+import ast
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +74,37 @@ def test_every_hypothesis_has_a_track_marker_and_a_docstring():
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
                 assert ast.get_docstring(node), f"{path}::{node.name} has no docstring (its method)"
+
+
+def _hypothesis_titles() -> list[tuple[str, str, str]]:
+    """(file, test name, first line of its docstring) for every hypothesis."""
+    out = []
+    for path in sorted((ROOT / "hypotheses").rglob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                doc = ast.get_docstring(node) or ""
+                out.append((path.relative_to(ROOT).as_posix(), node.name, doc.splitlines()[0] if doc else ""))
+    return out
+
+
+# Files whose owner has yet to rewrite their titles (issue 14); remove an entry once it passes.
+TITLES_PENDING: dict[str, str] = {}
+
+
+def _title_files():
+    files = sorted({f for f, _, _ in _hypothesis_titles()})
+    return [
+        pytest.param(f, marks=pytest.mark.xfail(reason=TITLES_PENDING[f], strict=False)) if f in TITLES_PENDING else f
+        for f in files
+    ]
+
+
+@pytest.mark.parametrize("path", _title_files())
+def test_every_hypothesis_title_asks_a_question(path):
+    """A hypothesis page's title is the first line of its test's docstring: it asks the
+    question the predictions answer (it ends with '?'), it does not state the answer."""
+    bad = [f"  {name}: {title!r}" for f, name, title in _hypothesis_titles() if f == path and not title.endswith("?")]
+    assert not bad, f"{path}: these titles do not end with '?':\n" + "\n".join(bad)
 
 
 def test_cli_lists_hypotheses_with_predictions():

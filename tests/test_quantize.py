@@ -217,7 +217,7 @@ def test_qat_changes_weights_returns_quantized_copy_and_is_deterministic():
     assert any(not torch.equal(sa[k], before[k]) for k in sa)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
-    for name, m in quantizable_linears(a):  # deployed on the int4 grid
+    for _, m in quantizable_linears(a):  # deployed on the int4 grid
         assert torch.equal(m.weight, fake_quantize(m.weight, 4))
     assert not a.training
 

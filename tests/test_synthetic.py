@@ -158,9 +158,9 @@ def test_sample_corpus_follows_a_sharp_model(tok):
 
 
 def test_sample_corpus_errors(model, tok):
-    with pytest.raises(ValueError, match=r"n_chars must be an int > 0, got 0"):
+    with pytest.raises(ValueError, match=r"n_chars must be an int >= 1, got 0"):
         sample_corpus(model, tok, 0)
-    with pytest.raises(ValueError, match=r"n_chars must be an int > 0, got -5"):
+    with pytest.raises(ValueError, match=r"n_chars must be an int >= 1, got -5"):
         sample_corpus(model, tok, -5)
     with pytest.raises(ValueError, match=r"temperature must be a finite number > 0.*got 0"):
         sample_corpus(model, tok, 10, temperature=0)
@@ -208,7 +208,7 @@ def test_mix_errors():
         mix_texts("a" * 10, "b" * 10, 1.5, 10)
     with pytest.raises(ValueError, match=r"real_fraction must be a number in \[0, 1\], got -0.1"):
         mix_counts(10, -0.1)
-    with pytest.raises(ValueError, match=r"n_chars must be an int > 0, got 0"):
+    with pytest.raises(ValueError, match=r"n_chars must be an int >= 1, got 0"):
         mix_counts(0, 0.5)
     with pytest.raises(ValueError, match=r"synthetic text has 10 characters; the mix needs 50"):
         mix_texts("a" * 100, "b" * 10, 0.5, 100)
@@ -261,7 +261,7 @@ def test_collapse_chain_feeds_each_generation_the_previous_sample(lab_cache, tok
 
 def test_collapse_chain_errors(tok):
     kw = dict(real_text=TEXT, tokenizer=tok, train=_tiny_train, evaluate=lambda m: 0.0, generations=2)
-    with pytest.raises(ValueError, match=r"n_chars must be an int > 0, got 0"):
+    with pytest.raises(ValueError, match=r"n_chars must be an int >= 1, got 0"):
         collapse_chain(n_chars=0, **kw)
     with pytest.raises(ValueError, match=r"real_fraction must be a number in \[0, 1\], got 2"):
         collapse_chain(n_chars=100, real_fraction=2, **kw)

@@ -372,3 +372,77 @@ def test_train_validates_arguments():
         train(MODEL, config(), DATA, progress=False, stop_after=0)
     with pytest.raises(ValueError, match="GPTConfig"):
         train(MODEL.to_dict(), config(), DATA, progress=False)
+
+
+# ---------------------------------------------------------------- speed paths: same numbers
+
+
+def _plain_loop(mc: GPTConfig, tc: TrainConfig, data, steps: int) -> tuple[list[float], list[float]]:
+    """What train() computes, written as the plainest loop: the checked forward,
+    clip_grad_norm_, torch's default AdamW (a per-parameter loop on CPU)."""
+    from lab.data import get_batch
+    from lab.seeding import seed_everything
+
+    gen = seed_everything(tc.seed)
+    model = GPT(mc).train()
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), foreach=False)
+    out, norms = [], []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(
+                step, lr=tc.lr, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio
+            )
+        x, y = get_batch(data.train, mc.block_size, tc.batch_size, gen)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)))
+        out.append(loss.item())
+        opt.step()
+    return out, norms
+
+
+def test_the_eager_trainer_computes_bitwise_what_the_plain_loop_computes():
+    # the foreach AdamW, the unchecked forward and the single read of loss and norms per
+    # step are speed changes only: the numbers are the plain loop's, bit for bit
+    tc = config(max_steps=12, eval_interval=12)
+    result = train(MODEL, tc, DATA, progress=False)
+    want_losses, want_norms = _plain_loop(MODEL, tc, DATA, 12)
+    assert losses(result) == want_losses
+    assert [h["grad_norm"] for h in result.history] == want_norms
+
+
+def test_compiled_training_matches_the_eager_losses():
+    pytest.importorskip("torch._inductor")
+    torch._dynamo.reset()
+    tc = config(max_steps=10, eval_interval=10)
+    eager = train(MODEL, tc, DATA, progress=False)
+    compiled = train(MODEL, replace(tc, compile=True), DATA, progress=False)
+    # a fused AdamW and fused kernels round differently: close, not bitwise
+    np.testing.assert_allclose(losses(compiled), losses(eager), rtol=2e-4, atol=2e-4)
+    assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, abs=2e-3)
+
+
+def test_compiled_training_falls_back_to_eager_when_torch_compile_is_unavailable(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("torch.compile is not available on this platform")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    tc = config(max_steps=6, eval_interval=6)
+    with pytest.warns(RuntimeWarning, match="TrainConfig.compile.*not available"):
+        result = train(MODEL, replace(tc, compile=True), DATA, progress=False)
+    eager = train(MODEL, tc, DATA, progress=False)
+    # the fallback runs the eager loss with the fused AdamW the compiled path uses
+    np.testing.assert_allclose(losses(result), losses(eager), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_is_part_of_the_trajectory(tmp_path):
+    tc = config(max_steps=6, eval_interval=3)
+    train(MODEL, tc, DATA, out_dir=tmp_path, progress=False, stop_after=3)
+    with pytest.raises(CheckpointError, match="compile"):
+        train(MODEL, replace(tc, compile=True), DATA, out_dir=tmp_path, resume=True, progress=False)

@@ -9,12 +9,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lab.windtunnel.metrics import calibration, kl_bits, predict
+from lab.windtunnel.metrics import (
+    bayes_loss_nats,
+    calibration,
+    context_blind_floor,
+    context_blind_kl_floor,
+    kl_bits,
+    predict,
+)
 from lab.windtunnel.models import (
-    PositionMLP,
+    PaperMLP,
     PrefixMLP,
     TunnelTransformer,
-    matched_position_mlp,
+    matched_paper_mlp,
     matched_prefix_mlp,
     n_params,
 )
@@ -95,11 +102,11 @@ def _random_stochastic(rng, rows, cols):
 
 
 @settings(max_examples=40)
-@given(S=st.integers(2, 3), O=st.integers(2, 3), K=st.integers(1, 5), seed=st.integers(0, 10_000))
-def test_forward_posterior_matches_enumeration(S, O, K, seed):
+@given(S=st.integers(2, 3), n_obs=st.integers(2, 3), K=st.integers(1, 5), seed=st.integers(0, 10_000))
+def test_forward_posterior_matches_enumeration(S, n_obs, K, seed):
     rng = np.random.default_rng(seed)
-    T, E = _random_stochastic(rng, S, S), _random_stochastic(rng, S, O)
-    obs = rng.integers(0, O, size=K)
+    T, E = _random_stochastic(rng, S, S), _random_stochastic(rng, S, n_obs)
+    obs = rng.integers(0, n_obs, size=K)
     post = forward_posterior(T, E, obs)
     assert post.shape == (K, S)
     np.testing.assert_allclose(post.sum(-1), 1.0)
@@ -164,7 +171,7 @@ def test_models_give_distributions_over_answers(task):
     for model in (
         TunnelTransformer(task, n_layer=2, n_head=2, n_embd=16),
         PrefixMLP(task, embd=4, width=16, depth=2),
-        PositionMLP(task, width=16, depth=1),
+        PaperMLP(task, width=16, depth=3),
     ):
         logq = predict(model, b.tokens)
         assert logq.shape == b.posterior.shape
@@ -188,10 +195,42 @@ def test_capacity_matched_mlp_within_ten_percent():
     target = n_params(TunnelTransformer(task, n_layer=2, n_head=2, n_embd=32))
     mlp = matched_prefix_mlp(task, target, embd=8, depth=3)
     assert abs(n_params(mlp) - target) <= 0.1 * target
-    pos = matched_position_mlp(task, target, depth=2)
-    assert abs(n_params(pos) - target) <= 0.1 * target
     with pytest.raises(ValueError, match="within 10%"):
         matched_prefix_mlp(task, 50, embd=8, depth=3)
+
+
+def test_paper_mlp_within_one_percent_and_context_blind():
+    task = BijectionTask(20, 19)
+    target = n_params(TunnelTransformer(task, n_layer=4, n_head=4, n_embd=64))
+    mlp = matched_paper_mlp(task, target)
+    assert abs(n_params(mlp) - target) <= 0.01 * target
+    assert len(mlp.blocks) in (18, 19, 20)
+    # each scored position sees its own token and position only: changing any other token changes nothing
+    b = task.sample(3, torch.Generator().manual_seed(0))
+    changed = b.tokens.clone()
+    changed[:, 1::2] = (changed[:, 1::2] - 20 + 1) % 20 + 20  # every value token
+    torch.testing.assert_close(predict(mlp, b.tokens), predict(mlp, changed))
+    with pytest.raises(ValueError, match="within 1%"):
+        matched_paper_mlp(task, 10, depths=(18,))
+    with pytest.raises(ValueError, match="depths must be positive ints"):
+        matched_paper_mlp(task, target, depths=())
+
+
+def test_paper_mlp_trains_on_the_transformers_objective():
+    """Bijection: next-token cross-entropy over the whole vocabulary at key positions, as the
+    transformer; HMM: soft cross-entropy against the posterior."""
+    task = BijectionTask(5, 4)
+    torch.manual_seed(0)
+    mlp = PaperMLP(task, width=8, depth=2)
+    b = task.sample(4, torch.Generator().manual_seed(1))
+    logits = mlp._logits(b.tokens)
+    assert logits.shape == (4, 4, task.vocab_size)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.targets[:, task.positions].flatten())
+    torch.testing.assert_close(mlp.loss(b), expected)
+    hmm = HMMTask(3, 3, 4)
+    hb = hmm.sample(4, torch.Generator().manual_seed(1))
+    m = PaperMLP(hmm, width=8, depth=2)
+    torch.testing.assert_close(m.loss(hb), -(hb.posterior.float() * m(hb.tokens)).sum(-1).mean())
 
 
 # ---------------------------------------------------------------- training and metrics
@@ -279,3 +318,239 @@ def test_key_cosines_pairs_and_mean():
     assert cos.shape == (2, 10)  # 2 heads, 5 choose 2 pairs
     assert ((cos >= 0) & (cos <= 1 + 1e-6)).all()
     assert key_orthogonality(model, torch.arange(5)) == pytest.approx(cos.mean().item())
+
+
+# ---------------------------------------------------------------- paper scale, resume, safe loading
+
+
+def test_paper_scale_shapes():
+    """The gpu profile is the paper's scale: V=20 with 19 keys, 6 x 6 x d192 (2.67M
+    parameters) for the bijection, 9 x 8 x d256 for the HMM at K=20, and MLPs matched to them."""
+    from lab.profiles import get_profile
+    from lab.windtunnel.scale import make_tasks, transformer_shape
+
+    b = get_profile("gpu").bayes
+    tasks = make_tasks(b)
+    bij = tasks["bijection"]
+    assert (bij.n_values, bij.n_keys, bij.seq_len) == (20, 19, 37)
+    assert transformer_shape(b, "bijection") == (6, 6, 192)
+    t = TunnelTransformer(bij, n_layer=6, n_head=6, n_embd=192)
+    assert 2_600_000 < n_params(t) < 2_750_000  # the paper: 2.7M
+    paper = matched_paper_mlp(bij, n_params(t), depths=b.paper_mlp_depths)
+    assert abs(n_params(paper) - n_params(t)) <= 0.01 * n_params(t) and len(paper.blocks) in (18, 19, 20)
+    assert abs(n_params(matched_prefix_mlp(bij, n_params(t), embd=b.mlp_embd, depth=b.mlp_depth)) - n_params(t)) <= (
+        0.1 * n_params(t)
+    )
+    hmm = tasks["hmm"]
+    assert (hmm.n_states, hmm.n_symbols, hmm.length) == (5, 5, 20)
+    assert transformer_shape(b, "hmm") == (9, 8, 256)
+    assert b.kept_steps[0] == 0 and b.kept_steps[-1] == b.bijection_steps  # curves over the whole run
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StopAfter:
+    """A task whose sample() raises after n calls: a run killed mid-way."""
+
+    def __init__(self, task, n):
+        self.task, self.n, self.calls = task, n, 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def __repr__(self):
+        return repr(self.task)
+
+    def sample(self, n, generator):
+        self.calls += 1
+        if self.calls > self.n:
+            raise _Interrupted
+        return self.task.sample(n, generator)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "paper-mlp"])
+def test_paper_scale_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, kind):
+    """At the paper's shapes on a few tiny steps: a run killed after step 5 resumes from its
+    checkpoint at step 4 and ends with the weights, history and kept weights of a run that
+    was never interrupted."""
+    monkeypatch.setenv("LAB_CACHE", str(tmp_path))
+    task = BijectionTask(20, 19)
+    target = 2_671_488
+
+    def build():
+        t = TunnelTransformer(task, n_layer=6, n_head=6, n_embd=192)
+        return t if kind == "transformer" else matched_paper_mlp(task, target)
+
+    cfg = TunnelTrainConfig(steps=7, batch_size=2, lr=3e-4, warmup_steps=2, seed=5, keep_steps=(0, 3, 7))
+    straight = train_tunnel(task, build, cfg, cache=False)
+    with pytest.raises(_Interrupted):
+        train_tunnel(_StopAfter(task, 5), build, cfg, checkpoint_every=2)
+    (ckpt,) = tmp_path.rglob("checkpoint.pt")
+    assert not list(tmp_path.rglob("done.json"))
+    resumed = train_tunnel(task, build, cfg, checkpoint_every=2)
+    assert resumed.history == straight.history
+    assert sorted(resumed.kept) == [0, 3, 7]
+    for k, v in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.kept[3], straight.kept[3], rtol=0, atol=0)
+    assert not ckpt.exists()  # the finished run keeps its weights, not the checkpoint
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+class _Planted:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("which", ["run.pt", "checkpoint.pt"])
+def test_cache_refuses_a_planted_pickle(tmp_path, monkeypatch, capsys, which):
+    """A pickle planted in the wind-tunnel cache (finished run or checkpoint) is refused with
+    an error naming the file; its code never runs."""
+    import pickle
+
+    from lab.windtunnel.train import UnsafeCacheFile
+
+    monkeypatch.setenv("LAB_CACHE", str(tmp_path))
+    task = BijectionTask(4, 4)
+    cfg = TunnelTrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
+    build = lambda: TunnelTransformer(task, n_layer=1, n_head=2, n_embd=8)  # noqa: E731
+    train_tunnel(task, build, cfg)
+    (run_dir,) = {p.parent for p in tmp_path.rglob("done.json")}
+    if which == "checkpoint.pt":
+        (run_dir / "done.json").unlink()
+    with open(run_dir / which, "wb") as f:
+        pickle.dump({"model": _Planted()}, f, protocol=2)
+    with pytest.raises(UnsafeCacheFile, match=rf"refusing to load .*{which}.*not a plain weights file"):
+        train_tunnel(task, build, cfg)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_cache_refuses_a_file_with_missing_entries(tmp_path, monkeypatch):
+    from lab.windtunnel.train import UnsafeCacheFile
+
+    monkeypatch.setenv("LAB_CACHE", str(tmp_path))
+    task = BijectionTask(4, 4)
+    cfg = TunnelTrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, seed=0)
+    build = lambda: TunnelTransformer(task, n_layer=1, n_head=2, n_embd=8)  # noqa: E731
+    train_tunnel(task, build, cfg)
+    (run_file,) = tmp_path.rglob("run.pt")
+    torch.save({"model": {}}, run_file)
+    with pytest.raises(UnsafeCacheFile, match=r"entries \['history', 'kept', 'wall_time_s'\] are missing"):
+        train_tunnel(task, build, cfg)
+
+
+def test_checkpoint_every_must_be_positive():
+    task = BijectionTask(4, 4)
+    cfg = TunnelTrainConfig(steps=2, batch_size=4, lr=1e-3)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+        train_tunnel(task, lambda: TunnelTransformer(task, n_layer=1, n_head=2, n_embd=8), cfg, checkpoint_every=0)
+
+
+# ---------------------------------------------------------------- floors and measurements, by hand
+
+
+def test_context_blind_floor_and_bayes_loss():
+    task = BijectionTask(10, 9)
+    b = task.sample(4000, torch.Generator().manual_seed(0))
+    # the marginal posterior at every position is (close to) uniform: the uniform floor
+    assert context_blind_floor(b) == pytest.approx(uniform_floor_bits(10, 9), abs=2e-3)
+    assert bayes_loss_nats(b) == pytest.approx(sum(math.log(10 - t) for t in range(9)) / 9, abs=1e-6)
+    # every sequence with the same posterior: ignoring the context loses nothing
+    same = type(b)(
+        b.tokens[:3], b.positions, b.targets[:3], b.posterior[:1].expand(3, -1, -1), b.entropy[:1].expand(3, -1)
+    )
+    assert context_blind_floor(same) == pytest.approx(0.0, abs=1e-12)
+    assert context_blind_kl_floor(same) == pytest.approx(0.0, abs=1e-12)
+    # KL to the average posterior: the uniform floor on the bijection; no context-blind
+    # predictor does better (here: uniform, and a peaked guess of the right entropy)
+    kl_floor = context_blind_kl_floor(b)
+    assert kl_floor == pytest.approx(uniform_floor_bits(10, 9), abs=2e-3)
+    uniform = torch.full(b.posterior.shape, -math.log(10), dtype=torch.float64)
+    assert calibration(uniform, b).kl >= kl_floor - 1e-9
+    hmm = HMMTask(3, 3, 5).sample(2000, torch.Generator().manual_seed(0))
+    marginal = hmm.posterior.mean(0, keepdim=True).expand_as(hmm.posterior)
+    assert calibration(marginal.log(), hmm).kl == pytest.approx(context_blind_kl_floor(hmm), abs=1e-9)
+    other = (0.9 * marginal + 0.1 / 3).log()
+    assert calibration(other, hmm).kl > context_blind_kl_floor(hmm)
+
+
+def test_mean_abs_cosine_and_random_baseline_by_hand():
+    from lab.windtunnel.analysis import mean_abs_cosine, random_cosine_baseline
+
+    assert mean_abs_cosine(torch.eye(4)).item() == pytest.approx(0.0)
+    assert mean_abs_cosine(torch.tensor([[1.0, 0.0], [2.0, 0.0], [-3.0, 0.0]])).item() == pytest.approx(1.0)
+    assert mean_abs_cosine(torch.tensor([[1.0, 0.0], [1.0, 1.0]])).item() == pytest.approx(math.sqrt(0.5))
+    # three rows: pairs (0,1)=0, (0,2)=1, (1,2)=0 -> mean 1/3
+    assert mean_abs_cosine(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])).item() == pytest.approx(1 / 3)
+    # E|cos| between random directions: 2/pi in 2 dimensions, 1/2 in 3
+    assert random_cosine_baseline(2) == pytest.approx(2 / math.pi)
+    assert random_cosine_baseline(3) == pytest.approx(0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 32, generator=g)
+    assert mean_abs_cosine(x).item() == pytest.approx(random_cosine_baseline(32), rel=0.03)
+
+
+def _one_layer(task, seed=0):
+    torch.manual_seed(seed)
+    return TunnelTransformer(task, n_layer=1, n_head=2, n_embd=8).eval()
+
+
+def test_context_keys_are_the_keys_at_each_tokens_positions_averaged():
+    from lab.windtunnel.analysis import context_keys, key_geometry, mean_abs_cosine
+
+    task = BijectionTask(4, 4)
+    model = _one_layer(task)
+    b = task.sample(30, torch.Generator().manual_seed(0))
+    values = torch.arange(4, 8)
+    keys = context_keys(model, b.tokens, values)
+    assert keys.shape == (1, 2, 4, 4)  # layers, heads, tokens, d_head
+    gpt = model.gpt
+    with torch.no_grad():
+        x = gpt.wte(b.tokens) + gpt.wpe(torch.arange(b.tokens.size(1)))
+        k = gpt.blocks[0].attn.c_attn(gpt.blocks[0].ln_1(x))[..., 8:16].reshape(30, -1, 2, 4)
+    for j, v in enumerate(values.tolist()):
+        torch.testing.assert_close(keys[0, :, j], k[b.tokens == v].mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(key_geometry(model, b.tokens, values), mean_abs_cosine(keys).float())
+    with pytest.raises(ValueError, match="token 99 never occurs"):
+        context_keys(model, b.tokens, torch.tensor([99]))
+
+
+def test_attention_values_through_the_output_projection_are_the_attention_output():
+    """Each head's attention-weighted values, concatenated, are what c_proj turns into the
+    attention sub-layer's write: c_proj(values) == hook_attn_out at the scored positions."""
+    from lab.inspect import capture
+    from lab.windtunnel.analysis import attention_values
+
+    task = HMMTask(3, 3, 4)
+    model = _one_layer(task)
+    b = task.sample(5, torch.Generator().manual_seed(0))
+    z = attention_values(model, b.tokens)
+    assert z.shape == (5 * 4, 8)
+    with torch.no_grad(), capture(model.gpt, ["blocks.0.hook_attn_out"]) as cache:
+        model(b.tokens)
+        out = model.gpt.blocks[0].attn.c_proj(z)
+    torch.testing.assert_close(
+        out, cache["blocks.0.hook_attn_out"][:, model.positions].reshape(-1, 8), atol=1e-5, rtol=1e-4
+    )
+    with pytest.raises(ValueError, match=r"layer must lie in \[0, 1\)"):
+        attention_values(model, b.tokens, layer=1)
+
+
+def test_standardised_and_pc1_against_entropy_by_hand():
+    from lab.windtunnel.analysis import _pc1_against_entropy, standardised
+
+    x = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, 4.0], [5.0, 5.0, 9.0]])
+    z = standardised(x)
+    torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z[:, [0, 2]].std(0, unbiased=False), torch.ones(2))
+    assert (z[:, 1] == 0).all()  # a constant feature stays 0
+    # points on a line ordered by entropy: PC1 carries all the variance and ranks them as H does
+    task = BijectionTask(6, 5, with_replacement=True)
+    b = task.sample(40, torch.Generator().manual_seed(0))
+    h = b.entropy.reshape(-1, 1)
+    points = h * torch.tensor([[2.0, -1.0, 0.5]]) + torch.tensor([[1.0, 2.0, 3.0]])
+    m = _pc1_against_entropy(standardised(points), b, 5)
+    assert m["pc1_share"] == pytest.approx(1.0, abs=1e-5) and m["rho"] == pytest.approx(1.0, abs=1e-9)
+    assert m["rho_within_position"] == pytest.approx(1.0, abs=1e-9)  # positions 1.. vary with repeated keys

@@ -29,7 +29,7 @@ from lab.data.dataset import (
     prepare,
     split_text,
 )
-from lab.data.stats import bigram_conditional_entropy, unigram_entropy
+from lab.data.entropy import bigram_conditional_entropy, unigram_entropy
 
 __all__ = [
     "CORPORA",

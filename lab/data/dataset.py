@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lab.checks import check_int, check_number
 from lab.data.corpora import corpus_fingerprint, load_corpus
 from lab.paths import cache_dir
 from lab.tokenizers import Tokenizer, get_tokenizer
@@ -29,7 +30,7 @@ def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     """
     if not isinstance(text, str):
         raise ValueError(f"split_text expects a str, got {type(text).__name__}")
-    _check_fraction("val_fraction", val_fraction, allow_one=False)
+    check_number("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
     n = int(len(text) * (1 - val_fraction))
     if n == 0 or n == len(text):
         raise ValueError(
@@ -48,9 +49,8 @@ def interleave_for_split(text: str, *, chunk: int = 5000, every: int = 10) -> tu
     mixture while no validation chunk is ever seen in training."""
     if not isinstance(text, str):
         raise ValueError(f"interleave_for_split expects a str, got {type(text).__name__}")
-    for name, value in (("chunk", chunk), ("every", every)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "chunk" else 2):
-            raise ValueError(f"{name} must be an int >= {1 if name == 'chunk' else 2}, got {value!r}")
+    check_int("chunk", chunk, 1)
+    check_int("every", every, 2)
     pieces = [text[i : i + chunk] for i in range(0, len(text), chunk)]
     val = [p for i, p in enumerate(pieces) if i % every == every - 1]
     if not val or len(val) == len(pieces):
@@ -123,8 +123,8 @@ def prepare(
             f"prepare needs exactly one of a corpus name or text=..., got corpus={corpus!r} "
             f"and text={'None' if text is None else f'<{type(text).__name__}>'}"
         )
-    _check_fraction("val_fraction", val_fraction, allow_one=False)
-    _check_fraction("train_fraction", train_fraction, allow_one=True)
+    check_number("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
+    check_number("train_fraction", train_fraction, 0, 1, low_open=True)
     if corpus is not None:
         text = load_corpus(corpus)
         name = corpus
@@ -189,8 +189,8 @@ def get_batch(
     are a pure function of the generator's state. Both tensors are int64 on `device`.
     """
     data = _as_tokens(data)
-    _check_positive_int("block_size", block_size)
-    _check_positive_int("batch_size", batch_size)
+    check_int("block_size", block_size, 1, numpy=True)
+    check_int("batch_size", batch_size, 1, numpy=True)
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     _check_long_enough(data, block_size)
@@ -215,9 +215,9 @@ class SlidingWindowDataset(torch.utils.data.Dataset):
 
     def __init__(self, data: np.ndarray, block_size: int, stride: int | None = None):
         self.data = _as_tokens(data)
-        _check_positive_int("block_size", block_size)
+        check_int("block_size", block_size, 1, numpy=True)
         stride = block_size if stride is None else stride
-        _check_positive_int("stride", stride)
+        check_int("stride", stride, 1, numpy=True)
         _check_long_enough(self.data, block_size)
         self.block_size = block_size
         self.stride = stride
@@ -236,23 +236,6 @@ class SlidingWindowDataset(torch.utils.data.Dataset):
 
 
 # --- helpers --------------------------------------------------------------------------
-
-
-def _check_fraction(name: str, value, *, allow_one: bool) -> None:
-    ok = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and 0 < value
-        and (value <= 1 if allow_one else value < 1)
-    )
-    if not ok:
-        expected = "0 < x <= 1" if allow_one else "0 < x < 1"
-        raise ValueError(f"{name} must be a number with {expected}, got {value!r}")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_long_enough(data: np.ndarray, block_size: int) -> None:

@@ -1,5 +1,8 @@
-"""Looking inside models: hook points with one naming scheme (TransformerLens-like) for the
-lab's GPT, Hugging Face decoders and BERT encoders, and the analyses built on them."""
+"""Looking inside models (Tracks B and C): hook points with one naming scheme
+(TransformerLens-like) for the lab's GPT, Hugging Face decoders and BERT encoders
+(`hooks`), and the analyses built on them: attention statistics (`attention`), the
+residual stream (`residual`), linear probes with control tasks (`probes`) and the labels
+they probe for (`properties`)."""
 
 from lab.inspect.hooks import (
     FINAL,

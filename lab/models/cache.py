@@ -12,19 +12,18 @@ softmax: attention masks slots by the position they hold, not by their index.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from lab.models.gpt import GPTConfig
+from lab.checks import POSITIVE_INT, optional
+from lab.models.config import GPTConfig
 
 # stands for "nothing here yet": far enough back to fall outside any window
 _EMPTY_SLOT = -(2**62)
 
 
 @dataclass
-class _Step:
+class CacheStep:
     """How one forward call of T new tokens reads and writes the cache (same for every layer)."""
 
     # "fresh": empty cache; "in_place": write, then read the buffer; "concat": read buffer + new
@@ -43,6 +42,11 @@ class KVCache:
     Make one with model.new_cache(batch_size, max_len) and pass it as
     model(idx, cache=cache) with only the new tokens in idx. The cache binds to
     the first model it is used with and refuses any other.
+
+    A forward call drives it through its step API: check(config, owner, idx) first,
+    begin(T) to plan the step (which keys each new query sees, where the new keys go),
+    update(layer, k, v) in every attention layer, key_positions() for distance biases,
+    and end(T) once every layer has run.
     """
 
     def __init__(
@@ -52,17 +56,15 @@ class KVCache:
         max_len: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        owner: object | None = None,
     ):
-        from lab.models.gpt import GPTConfig  # imported late: gpt.py imports this module
-
         if not isinstance(config, GPTConfig):
             raise ValueError(f"KVCache expects a GPTConfig, got {type(config).__name__}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        POSITIVE_INT.check("batch_size", batch_size)
+        optional(POSITIVE_INT).check("max_len", max_len)
         window = config.sliding_window
         if max_len is not None:
-            if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
-                raise ValueError(f"max_len must be None or a positive int, got {max_len!r}")
             if window is None and max_len > config.block_size:
                 raise ValueError(
                     f"max_len={max_len} exceeds the context (block_size={config.block_size}) "
@@ -87,8 +89,8 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self._length = 0
-        self._owner: object | None = None  # the model's cache token, set on first use
-        self._step: _Step | None = None
+        self._owner = owner  # the model's cache token (GPT.new_cache), else set on first use
+        self.step: CacheStep | None = None  # the plan of the forward call in progress
 
     # ------------------------------------------------------------ public
 
@@ -111,15 +113,36 @@ class KVCache:
         """Forget every token, keeping the buffers (and the model the cache is bound to)."""
         self._length = 0
 
+    def load_(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Replace the contents with the keys and values of positions 0..L-1, each of shape
+        (n_layer, batch_size, n_kv_head, L, head_dim) as cached (keys after RoPE): a context
+        of L tokens without running it through the model (e.g. random ones, to time decoding
+        at a long context). Not for a ring buffer that L would wrap."""
+        want = (self.config.n_layer, self.batch_size, self.config.kv_heads)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 5 or tuple(t.shape[:3]) != want:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape {want + ('L', self.config.head_dim)}, got {got}")
+            if t.shape[-1] != self.config.head_dim or t.shape != k.shape:
+                raise ValueError(
+                    f"k and v must both have shape {want + ('L', self.config.head_dim)}, got {tuple(t.shape)}"
+                )
+        n = k.shape[3]
+        if n > self._capacity or (self.max_len is not None and n > self.max_len):
+            raise ValueError(f"a context of {n} tokens does not fit this cache (capacity {self._capacity})")
+        self.k[:, :, :, :n] = k
+        self.v[:, :, :, :n] = v
+        self._length = n
+
     def __repr__(self) -> str:
         return (
             f"KVCache(batch_size={self.batch_size}, length={self.length}, capacity={self.capacity}, "
             f"rolling={self.rolling}, nbytes={self.nbytes})"
         )
 
-    # ------------------------------------------------------------ used by GPT.forward
+    # ------------------------------------------------------------ the step API GPT.forward uses
 
-    def _check(self, config: GPTConfig, owner: object, idx: torch.Tensor) -> None:
+    def check(self, config: GPTConfig, owner: object, idx: torch.Tensor) -> None:
         """Raise ValueError unless the new tokens idx (B, T) from this model fit in this cache."""
         batch_size, n_new = idx.shape
         if config != self.config:
@@ -149,7 +172,7 @@ class KVCache:
             )
         self._owner = owner
 
-    def _begin(self, T: int) -> _Step:
+    def begin(self, T: int) -> CacheStep:
         """Plan how T new tokens attend to the cache and where they are stored."""
         p0, cap, window = self._length, self._capacity, self.config.sliding_window
         device = self.k.device
@@ -165,7 +188,7 @@ class KVCache:
             mask = None
             if window is not None and window < T:
                 mask = _visible(torch.arange(T, device=device), 0, T, window)
-            step = _Step("fresh", mask, mask is None, T, T - keep, write_slots)
+            step = CacheStep("fresh", mask, mask is None, T, T - keep, write_slots)
         elif T == 1 or p0 + T <= cap:
             # no new token overwrites a key another new token still needs: the
             # one-token case only evicts position p0 - window, already out of sight
@@ -173,7 +196,7 @@ class KVCache:
             mask = None
             if T > 1:
                 mask = _visible(torch.arange(n, device=device), p0, T, window)
-            step = _Step("in_place", mask, False, n, 0, write_slots)
+            step = CacheStep("in_place", mask, False, n, 0, write_slots)
         else:
             # a multi-token step that wraps the ring: read the old slots and the new
             # tokens side by side, then keep the newest `cap`
@@ -182,13 +205,13 @@ class KVCache:
             held = torch.where(held >= 0, held, torch.full_like(held, _EMPTY_SLOT))
             kpos = torch.cat((held, torch.arange(p0, p0 + T, device=device)))
             mask = _visible(kpos, p0, T, window)
-            step = _Step("concat", mask, False, cap + T, T - keep, write_slots, kpos)
-        self._step = step
+            step = CacheStep("concat", mask, False, cap + T, T - keep, write_slots, kpos)
+        self.step = step
         return step
 
-    def _key_positions(self) -> torch.Tensor:
+    def key_positions(self) -> torch.Tensor:
         """Position of each key the current step attends to (for distance-based biases)."""
-        step, p0, cap = self._step, self._length, self._capacity
+        step, p0, cap = self.step, self._length, self._capacity
         device = self.k.device
         if step.mode == "concat":
             return step.kpos
@@ -202,9 +225,9 @@ class KVCache:
         slots = torch.arange(cap, device=device)
         return slots + cap * torch.div(last - slots, cap, rounding_mode="floor")
 
-    def _update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a layer's new keys/values (B, n_kv_head, T, head_dim); return those to attend to."""
-        step, ck, cv = self._step, self.k[layer], self.v[layer]
+        step, ck, cv = self.step, self.k[layer], self.v[layer]
         if step.mode == "in_place":
             self._write(ck, cv, k, v, step)
             return ck[:, :, : step.n_keys], cv[:, :, : step.n_keys]
@@ -216,7 +239,7 @@ class KVCache:
         return k, v
 
     @staticmethod
-    def _write(ck, cv, k, v, step: _Step) -> None:
+    def _write(ck, cv, k, v, step: CacheStep) -> None:
         k, v = k[:, :, step.write_from :], v[:, :, step.write_from :]
         if isinstance(step.write_slots, slice):
             ck[:, :, step.write_slots] = k
@@ -225,9 +248,9 @@ class KVCache:
             ck.index_copy_(2, step.write_slots, k.to(ck.dtype))
             cv.index_copy_(2, step.write_slots, v.to(cv.dtype))
 
-    def _end(self, T: int) -> None:
+    def end(self, T: int) -> None:
         self._length += T
-        self._step = None
+        self.step = None
 
 
 def _visible(kpos: torch.Tensor, p0: int, T: int, window: int | None) -> torch.Tensor:

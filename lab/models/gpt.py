@@ -1,244 +1,30 @@
 """A small GPT: a decoder-only transformer, readable top to bottom.
 
-The semantics follow nanoGPT's model.py (GPT-2 layout and init); the parts are
-separate modules so a config swaps one component without touching the others:
-positions (learned, sinusoidal, RoPE, ALiBi, none), attention (MHA/GQA/MQA,
-sliding window, the 1/sqrt(d) scale), norm (LayerNorm/RMSNorm, pre or post the
-residual add), residual connections on or off, and the MLP (GELU, ReLU, SwiGLU,
-or a top-k routed mixture of experts). The defaults are GPT-2. The Llama-style
-choices follow Hugging Face's Llama conventions exactly, so such weights export
-to LlamaForCausalLM.
+The semantics follow nanoGPT's model.py (GPT-2 layout and init); a config swaps one
+component without touching the others: positions (lab.models.positions), attention
+(MHA/GQA/MQA, sliding window, the 1/sqrt(d) scale), norm (LayerNorm/RMSNorm, pre or
+post the residual add), residual connections on or off, and the MLP (GELU, ReLU,
+SwiGLU, or a mixture of experts, lab.models.moe). The defaults are GPT-2; the
+Llama-style choices follow Hugging Face's Llama exactly, so such weights export to
+LlamaForCausalLM. The config and its validation live in lab.models.config, generation
+in lab.models.generate, the KV cache in lab.models.cache.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lab.checks import POSITIVE_INT
 from lab.models.cache import KVCache
-from lab.models.sampling import check_sampling_args, sample_next
-
-POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
-NORMS = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("pre", "post")
-MLPS = ("gelu", "relu", "swiglu")
-
-
-def _is_pos_int(value) -> bool:
-    # bool is an int subclass; True as a layer count is always a mistake
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _is_pos_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int
-    block_size: int  # the longest sequence one forward call takes
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float = 0.0
-    bias: bool = True  # bias in Linear and LayerNorm layers, as in GPT-2
-    tie_weights: bool = True  # lm_head shares its weight with the token embedding
-    n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
-    pos: str = "learned"  # one of POSITIONS
-    rope_theta: float = 10000.0
-    norm: str = "layernorm"  # one of NORMS
-    norm_eps: float = 1e-5
-    mlp: str = "gelu"  # one of MLPS
-    mlp_hidden: int | None = None  # None: 4 * n_embd for GELU, about 8/3 * n_embd for SwiGLU
-    sliding_window: int | None = None  # each query sees this many most recent positions
-    norm_position: str = "pre"  # one of NORM_POSITIONS: norm each branch's input, or the sum after it
-    residual: bool = True  # False: each sub-layer replaces the stream instead of adding to it
-    qk_scale: float | None = None  # attention logits = q.k * qk_scale; None = 1/sqrt(head_dim)
-    init_std: float = 0.02  # std of the normal init of every weight matrix and embedding
-    n_expert: int | None = None  # None: dense MLP; else a mixture of this many MLP experts
-    moe_top_k: int = 2  # experts each token is routed to
-    moe_aux_weight: float = 0.01  # weight of the load-balancing loss train() adds (0 = none)
-
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not _is_pos_int(value):
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                f"each head gets n_embd / n_head dimensions"
-            )
-        if (
-            not isinstance(self.dropout, (int, float))
-            or isinstance(self.dropout, bool)
-            or not 0.0 <= self.dropout < 1.0
-        ):
-            raise ValueError(f"GPTConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
-        for name in ("bias", "tie_weights", "residual"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("n_kv_head", "mlp_hidden", "sliding_window"):
-            value = getattr(self, name)
-            if value is not None and not _is_pos_int(value):
-                raise ValueError(f"GPTConfig.{name} must be None or a positive int, got {value!r}")
-        if self.n_head % self.kv_heads != 0:
-            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        for name, allowed in (("pos", POSITIONS), ("norm", NORMS), ("mlp", MLPS), ("norm_position", NORM_POSITIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            if not _is_pos_number(getattr(self, name)):
-                raise ValueError(f"GPTConfig.{name} must be a finite number > 0, got {getattr(self, name)!r}")
-        if self.qk_scale is not None and not _is_pos_number(self.qk_scale):
-            raise ValueError(f"GPTConfig.qk_scale must be None or a finite number > 0, got {self.qk_scale!r}")
-        if self.n_expert is not None:
-            if not _is_pos_int(self.n_expert) or self.n_expert < 2:
-                raise ValueError(f"GPTConfig.n_expert must be None or an int >= 2, got {self.n_expert!r}")
-            if not _is_pos_int(self.moe_top_k) or self.moe_top_k > self.n_expert:
-                raise ValueError(
-                    f"GPTConfig.moe_top_k must be an int in [1, n_expert={self.n_expert}], got {self.moe_top_k!r}"
-                )
-        if (
-            not isinstance(self.moe_aux_weight, (int, float))
-            or isinstance(self.moe_aux_weight, bool)
-            or not math.isfinite(self.moe_aux_weight)
-            or self.moe_aux_weight < 0
-        ):
-            raise ValueError(f"GPTConfig.moe_aux_weight must be a finite number >= 0, got {self.moe_aux_weight!r}")
-        if self.pos == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(f"GPTConfig.pos='rope' needs an even head size n_embd/n_head, got {self.head_dim}")
-        if self.pos == "sinusoidal" and self.n_embd % 2 != 0:
-            raise ValueError(f"GPTConfig.pos='sinusoidal' needs an even n_embd, got {self.n_embd}")
-        if self.sliding_window is not None and self.pos == "learned":
-            raise ValueError(
-                f"GPTConfig.sliding_window={self.sliding_window} needs pos 'rope' or 'none', got "
-                "pos='learned' (learned positions stop at block_size, a window is meant to go past it)"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        """n_kv_head with None resolved to n_head."""
-        return self.n_head if self.n_kv_head is None else self.n_kv_head
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        """mlp_hidden with None resolved: 4 * n_embd (GELU), or 8/3 * n_embd rounded up to a
-        multiple of 8 (SwiGLU: its three matrices then hold about as many weights as GELU's two)."""
-        if self.mlp_hidden is not None:
-            return self.mlp_hidden
-        if self.mlp == "swiglu":
-            return 8 * math.ceil(math.ceil(8 * self.n_embd / 3) / 8)
-        return 4 * self.n_embd
-
-    def describe(self) -> str:
-        """A short name for the architecture, e.g. 'pre-LN GPT-2 (learned pos, LayerNorm, GELU, MHA 4/4)'."""
-        kv = self.kv_heads
-        attention = "MHA" if kv == self.n_head else "MQA" if kv == 1 else "GQA"
-        mlp = {"gelu": "GELU", "relu": "ReLU", "swiglu": "SwiGLU"}[self.mlp]
-        if self.n_expert is not None:
-            mlp = f"MoE {self.n_expert}x{mlp} top-{self.moe_top_k}"
-        parts = [
-            f"{self.pos} pos",
-            {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}[self.norm],
-            mlp,
-            f"{attention} {self.n_head}/{kv}",
-        ]
-        if self.sliding_window is not None:
-            parts.append(f"window {self.sliding_window}")
-        if self.qk_scale is not None:
-            parts.append(f"qk scale {self.qk_scale:g}")
-        if not self.residual:
-            parts.append("no residual")
-        gpt2 = (self.pos, self.norm, self.mlp, self.n_expert) == ("learned", "layernorm", "gelu", None)
-        return f"{self.norm_position}-LN {'GPT-2' if gpt2 else 'GPT'} ({', '.join(parts)})"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"GPTConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown GPTConfig key(s) {unknown}; expected a subset of {known}")
-        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
-        if missing:
-            raise ValueError(f"GPTConfig.from_dict is missing required key(s) {missing}")
-        return cls(**d)
-
-
-# ---------------------------------------------------------------- positions
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dim (Hugging Face Llama's convention)."""
-    half = x.size(-1) // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rope_tables(n: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, (n, head_dim) float32, for positions 0..n-1, computed as HF Llama does."""
-    even = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
-    inv_freq = 1.0 / (theta ** (even / head_dim))
-    freqs = torch.outer(torch.arange(n, dtype=torch.int64, device=device).float(), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., head_dim) by the angles of its positions; cos/sin broadcast against x."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
-
-
-def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Vaswani et al.'s fixed encoding, (len(positions), dim) float32: sin on even dims,
-    cos on odd, wavelengths from 2*pi to 10000*2*pi. Defined for every position."""
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
-    angles = positions.float().unsqueeze(1) * inv_freq
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)
-
-
-def alibi_slopes(n_head: int) -> torch.Tensor:
-    """ALiBi's per-head slopes (Press et al. 2022): the geometric sequence 2^(-8/n)^(h+1)
-    for n a power of two; otherwise the paper's recipe interleaves the next power's."""
-
-    def power_of_two(n):
-        start = 2.0 ** (-8.0 / n)
-        return [start ** (h + 1) for h in range(n)]
-
-    if math.log2(n_head).is_integer():
-        return torch.tensor(power_of_two(n_head))
-    closest = 2 ** math.floor(math.log2(n_head))
-    extra = alibi_slopes(2 * closest)[0::2][: n_head - closest]
-    return torch.cat((torch.tensor(power_of_two(closest)), extra))
-
-
-def alibi_bias(slopes: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-    """Float (n_head, len(qpos), len(kpos)): -slope * |distance| from each query to each key
-    (absolute, so keys a bidirectional prefix shows ahead of a query are penalised alike)."""
-    distance = (qpos.unsqueeze(1) - kpos.unsqueeze(0)).abs().float()
-    return -slopes.to(qpos.device).view(-1, 1, 1) * distance
-
-
-def band_mask(T: int, window: int | None, device=None) -> torch.Tensor | None:
-    """Bool (T, T): query i sees key j iff i - window < j <= i; None when plain causal does."""
-    if window is None or window >= T:
-        return None
-    ones = torch.ones(T, T, dtype=torch.bool, device=device)
-    return ones.tril() & ones.triu(-(window - 1))
-
+from lab.models.config import GPTConfig, check_prefix_len, check_token_ids
+from lab.models.generate import GenerationMixin
+from lab.models.moe import MoE
+from lab.models.positions import alibi_slopes, apply_rope, attention_mask, rope_tables, sinusoidal_table
 
 # ---------------------------------------------------------------- layers
 
@@ -274,7 +60,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.scale = config.qk_scale  # None: SDPA's 1/sqrt(head_dim)
         # set keep_pattern to compute attention explicitly and keep the (B, n_head, T, S)
-        # softmax weights in .pattern; the fused kernel never materialises them
+        # softmax weights in .pattern (lab.inspect's attn.hook_pattern); the fused kernel
+        # never materialises them
         self.keep_pattern = False
         self.pattern: torch.Tensor | None = None
         # one fused projection laid out [q (n_head) | k (n_kv_head) | v (n_kv_head)] heads
@@ -295,20 +82,23 @@ class CausalSelfAttention(nn.Module):
         q, k = qk.transpose(1, 2).split((self.n_head, n_kv), dim=1)
         v = v.view(B, T, n_kv, hd).transpose(1, 2)
         if cache is not None:
-            k, v = cache._update(layer, k, v)
+            k, v = cache.update(layer, k, v)
         if self.keep_pattern:
             y = self._explicit(q, k, v, attn_mask, is_causal)
+        elif T == 1 and n_kv != self.n_head and not is_causal and not self.training:
+            # one new query per head (cached decoding): the query heads that share a KV head
+            # become that head's queries, so each cached key and value is read once instead
+            # of once per query head (SDPA's CPU enable_gqa expands them)
+            qg = q.reshape(B, n_kv, self.n_head // n_kv, hd)
+            if attn_mask is not None and attn_mask.dim() == 3:  # ALiBi: a bias per query head
+                attn_mask = attn_mask.reshape(n_kv, self.n_head // n_kv, -1)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask, 0.0, False, scale=self.scale)
+            y = y.reshape(B, self.n_head, 1, hd)
         else:
+            # query head h reads KV head h // (n_head // n_kv_head), as HF's repeat_kv
+            dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attn_mask,
-                dropout_p=self.dropout if self.training else 0.0,
-                is_causal=is_causal,
-                scale=self.scale,
-                # query head h reads KV head h // (n_head // n_kv_head), as HF's repeat_kv
-                enable_gqa=n_kv != self.n_head,
+                q, k, v, attn_mask, dropout_p, is_causal, scale=self.scale, enable_gqa=n_kv != self.n_head
             )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -337,13 +127,12 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_hidden_dim
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        # attribute name kept from GPT-2 (state-dict keys have none: it has no weights)
-        self.gelu = nn.ReLU() if config.mlp == "relu" else nn.GELU()
+        self.act = nn.ReLU() if config.mlp == "relu" else nn.GELU()
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class SwiGLU(nn.Module):
@@ -365,48 +154,13 @@ def make_mlp(config: GPTConfig) -> nn.Module:
     return SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
 
-class MoE(nn.Module):
-    """Top-k routed mixture of MLP experts (Switch / Mixtral style).
-
-    A linear router scores the experts for each token; the token goes to its top_k
-    experts, whose outputs are mixed with the renormalised router probabilities.
-    Each forward keeps `load` (fraction of routed token-slots per expert) and
-    `aux_loss`, Switch Transformer's load-balancing loss E * sum_e f_e * P_e
-    (f: routed fraction, P: mean router probability), which is 1 when balanced.
-    """
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.top_k = config.moe_top_k
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(make_mlp(config) for _ in range(config.n_expert))
-        self.load: torch.Tensor | None = None
-        self.aux_loss: torch.Tensor | None = None
-
-    def forward(self, x):
-        shape, n_expert = x.shape, len(self.experts)
-        flat = x.reshape(-1, shape[-1])
-        probs = self.router(flat).float().softmax(dim=-1)  # (N, E)
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            rows, slot = (chosen == e).nonzero(as_tuple=True)
-            if rows.numel():
-                out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot].unsqueeze(1))
-        routed = torch.bincount(chosen.flatten(), minlength=n_expert).float() / chosen.numel()
-        self.load = routed.detach()
-        self.aux_loss = n_expert * (routed * probs.mean(0)).sum()
-        return out.view(shape)
-
-
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
-        self.mlp = MoE(config) if config.n_expert is not None else make_mlp(config)
+        self.mlp = MoE(config, make_mlp) if config.n_expert is not None else make_mlp(config)
         self.post_norm = config.norm_position == "post"
         self.residual = config.residual
 
@@ -432,7 +186,7 @@ class Block(nn.Module):
 # ---------------------------------------------------------------- model
 
 
-class GPT(nn.Module):
+class GPT(GenerationMixin, nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         if not isinstance(config, GPTConfig):
@@ -488,8 +242,7 @@ class GPT(nn.Module):
         to block_size. Positions the model was trained on are unchanged; longer contexts
         test length extrapolation. Learned position embeddings have no rows past the trained
         block_size, so for them a longer context is an error rather than a guess."""
-        if not _is_pos_int(block_size):
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        POSITIVE_INT.check("block_size", block_size)
         c = self.config
         if c.pos == "learned" and block_size > c.block_size:
             raise ValueError(
@@ -505,16 +258,14 @@ class GPT(nn.Module):
         model.load_state_dict(state)
         return model.train(self.training)
 
+    # ------------------------------------------------------------ mixture of experts
+
     def aux_loss(self) -> torch.Tensor | None:
         """The weighted load-balancing loss of the last forward (MoE models), else None."""
         if self.config.n_expert is None or self.config.moe_aux_weight == 0:
             return None
         self._check_routed()
         return self.config.moe_aux_weight * sum(b.mlp.aux_loss for b in self.blocks)
-
-    def _check_routed(self):
-        if any(b.mlp.load is None for b in self.blocks):
-            raise ValueError("no routing recorded yet: run a forward pass of this MoE model first")
 
     def expert_load(self) -> list[list[float]] | None:
         """Per MoE layer, the fraction of the last forward's routed tokens each expert got."""
@@ -523,60 +274,9 @@ class GPT(nn.Module):
         self._check_routed()
         return [b.mlp.load.tolist() for b in self.blocks]
 
-    @torch.no_grad()
-    def attention_patterns(self, idx: torch.Tensor, **forward_kwargs) -> list[torch.Tensor]:
-        """Attention weights (B, n_head, T, T) of every layer on idx, computed explicitly."""
-        attns = [b.attn for b in self.blocks]
-        for a in attns:
-            a.keep_pattern = True
-        try:
-            self(idx, **forward_kwargs)
-            return [a.pattern for a in attns]
-        finally:
-            for a in attns:
-                a.keep_pattern, a.pattern = False, None
-
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for this model, on its device and in its dtype.
-
-        max_len bounds the tokens it will hold (default block_size); with a sliding
-        window the cache is a ring of sliding_window slots and max_len may be None.
-        """
-        w = self.wte.weight
-        cache = KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
-        cache._owner = self._cache_token
-        return cache
-
-    # ------------------------------------------------------------ input checks
-
-    def _check_idx(self, idx, name="idx"):
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2:
-            got = (
-                f"{idx.dtype} tensor of shape {tuple(idx.shape)}"
-                if isinstance(idx, torch.Tensor)
-                else type(idx).__name__
-            )
-            raise ValueError(f"{name} must be a 2-D int64 tensor of shape (B, T), got {got}")
-        if idx.numel() == 0:
-            raise ValueError(f"{name} must be non-empty, got shape {tuple(idx.shape)}")
-
-    def _check_vocab(self, idx):
-        # out-of-range ids would otherwise be an opaque IndexError (or a CUDA assert)
-        if bool(((idx < 0) | (idx >= self.config.vocab_size)).any()):
-            raise ValueError(
-                f"idx holds token ids outside [0, {self.config.vocab_size}): min {int(idx.min())}, max {int(idx.max())}"
-            )
-
-    def _check_tokens(self, idx, cache):
-        self._check_idx(idx)
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length T={T} exceeds the model's block_size={self.config.block_size}")
-        self._check_vocab(idx)
-        if cache is not None:
-            if not isinstance(cache, KVCache):
-                raise ValueError(f"cache must be a KVCache (see GPT.new_cache), got {type(cache).__name__}")
-            cache._check(self.config, self._cache_token, idx)
+    def _check_routed(self):
+        if any(b.mlp.load is None for b in self.blocks):
+            raise ValueError("no routing recorded yet: run a forward pass of this MoE model first")
 
     # ------------------------------------------------------------ forward
 
@@ -599,37 +299,43 @@ class GPT(nn.Module):
         attention (masked LM). None is causal.
         """
         self._check_tokens(idx, cache)
-        prefix_len = self._check_prefix(prefix_len, idx, cache)
+        if prefix_len is not None and cache is not None:
+            raise ValueError("prefix_len (prefix-LM / bidirectional attention) cannot be used with a KV cache")
+        prefix_len = check_prefix_len(prefix_len, idx)
         if targets is not None:
-            self._check_idx(targets, "targets")
+            check_token_ids(targets, "targets")
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        return self._logits_and_loss(idx, targets, cache, prefix_len)
+
+    def _logits_and_loss(self, idx, targets=None, cache=None, prefix_len=None):
+        """forward() without its input checks (for callers that checked once, such as the
+        trainer, whose token arrays are checked before training: per-batch checks would
+        wait on the device every step). prefix_len is None or a (B,) tensor."""
         logits = self.lm_head(self._hidden(idx, cache, prefix_len))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
+    def hidden_states(self, idx: torch.Tensor, *, prefix_len: torch.Tensor | int | None = None) -> torch.Tensor:
+        """(B, T, n_embd): the final (normed) hidden states the unembedding reads, with gradients."""
+        self._check_tokens(idx, None)
+        return self._hidden(idx, None, check_prefix_len(prefix_len, idx))
+
     @torch.no_grad()
     def final_hidden(self, idx: torch.Tensor, *, prefix_len: torch.Tensor | int | None = None) -> torch.Tensor:
-        """(B, T, n_embd): the final (normed) hidden states the unembedding reads."""
-        self._check_tokens(idx, None)
-        return self._hidden(idx, None, self._check_prefix(prefix_len, idx, None))
+        """hidden_states without gradients."""
+        return self.hidden_states(idx, prefix_len=prefix_len)
 
-    def _check_prefix(self, prefix_len, idx, cache) -> torch.Tensor | None:
-        """prefix_len as a (B,) long tensor, or None; ValueError naming what is wrong."""
-        if prefix_len is None:
-            return None
+    def _check_tokens(self, idx, cache):
+        check_token_ids(idx, vocab_size=self.config.vocab_size)
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence length T={idx.size(1)} exceeds the model's block_size={self.config.block_size}")
         if cache is not None:
-            raise ValueError("prefix_len (prefix-LM / bidirectional attention) cannot be used with a KV cache")
-        B, T = idx.shape
-        if isinstance(prefix_len, int) and not isinstance(prefix_len, bool):
-            prefix_len = torch.full((B,), prefix_len, dtype=torch.long, device=idx.device)
-        if not isinstance(prefix_len, torch.Tensor) or prefix_len.shape != (B,) or prefix_len.is_floating_point():
-            raise ValueError(f"prefix_len must be None, an int or an int tensor of shape ({B},), got {prefix_len!r}")
-        if bool(((prefix_len < 0) | (prefix_len > T)).any()):
-            raise ValueError(f"prefix_len values must lie in [0, T={T}], got {prefix_len.tolist()}")
-        return prefix_len
+            if not isinstance(cache, KVCache):
+                raise ValueError(f"cache must be a KVCache (see GPT.new_cache), got {type(cache).__name__}")
+            cache.check(self.config, self._cache_token, idx)
 
     def _hidden(self, idx: torch.Tensor, cache: KVCache | None, prefix_len=None) -> torch.Tensor:
         """Final normed hidden states (B, T, n_embd) of checked tokens idx."""
@@ -648,33 +354,22 @@ class GPT(nn.Module):
             x = x + (config.init_std * math.sqrt(2)) * table.to(x.dtype)
         x = self.drop(x)
         rope = self._rope_at(start, T, idx.device) if config.pos == "rope" else None
-
-        if cache is None:
-            attn_mask = band_mask(T, config.sliding_window, idx.device)
-            if prefix_len is not None:
-                visible = (
-                    attn_mask if attn_mask is not None else torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-                )
-                in_prefix = torch.arange(T, device=idx.device) < prefix_len.unsqueeze(1)  # (B, keys)
-                attn_mask = (visible | in_prefix.unsqueeze(1)).unsqueeze(1)  # (B, 1, T, T)
-            is_causal = attn_mask is None
-            kpos = None
-        else:
-            step = cache._begin(T)
-            attn_mask, is_causal = step.attn_mask, step.is_causal
-            kpos = cache._key_positions() if config.pos == "alibi" else None
-        if config.pos == "alibi":
-            qpos = torch.arange(start, start + T, device=idx.device)
-            bias = alibi_bias(self._alibi_slopes, qpos, qpos if kpos is None else kpos).to(x.dtype)
-            if is_causal:
-                attn_mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            if attn_mask is not None:
-                bias = bias.masked_fill(~attn_mask, -math.inf)
-            attn_mask, is_causal = bias, False
+        if cache is not None:
+            cache.begin(T)
+        attn_mask, is_causal = attention_mask(
+            T,
+            start,
+            window=config.sliding_window,
+            prefix_len=prefix_len,
+            cache=cache,
+            alibi_slopes=self._alibi_slopes,
+            device=idx.device,
+            dtype=x.dtype,
+        )
         for i, block in enumerate(self.blocks):
             x = block(x, rope, attn_mask, is_causal, cache, i)
         if cache is not None:
-            cache._end(T)
+            cache.end(T)
         return self.ln_f(x)
 
     def _rope_at(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -685,97 +380,3 @@ class GPT(nn.Module):
             self._rope = rope_tables(n, self.config.head_dim, self.config.rope_theta, device)
         cos, sin = self._rope
         return cos[start:need], sin[start:need]
-
-    # ------------------------------------------------------------ incremental decoding
-
-    @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed idx (B, T) into cache; return the logits (B, vocab) that predict the next token."""
-        if not isinstance(cache, KVCache):
-            raise ValueError(f"cache must be a KVCache (see GPT.new_cache), got {type(cache).__name__}")
-        self._check_tokens(idx, cache)
-        return self._step_logits(idx, cache)
-
-    @torch.no_grad()
-    def decode_one(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed one token per row, (B,) or (B, 1), into cache; return next-token logits (B, vocab)."""
-        if isinstance(token, torch.Tensor) and token.dim() == 1:
-            token = token.unsqueeze(1)
-        if isinstance(token, torch.Tensor) and token.dim() == 2 and token.size(1) != 1:
-            raise ValueError(f"decode_one takes one token per row, got shape {tuple(token.shape)}")
-        return self.prefill(token, cache)
-
-    def _step_logits(self, idx, cache) -> torch.Tensor:
-        # only the last position predicts a new token: skip the others' vocab projection
-        return self.lm_head(self._hidden(idx, cache)[:, -1])
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        crop: bool = False,
-    ) -> torch.Tensor:
-        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
-
-        use_cache=True prefills a KV cache with the prompt and then feeds one token
-        per step; use_cache=False recomputes the whole sequence every step. Both
-        give the same tokens. A sequence longer than block_size needs a sliding
-        window (and the cache), or crop=True: nanoGPT's behaviour of conditioning
-        on the last block_size tokens, recomputed every step. The module's
-        train/eval mode is left as is: call model.eval() to sample without dropout.
-        """
-        self._check_idx(idx)
-        self._check_vocab(idx)
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        check_sampling_args(temperature, top_k, top_p)
-        for name, value in (("use_cache", use_cache), ("crop", crop)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be a bool, got {value!r}")
-        block_size, window = self.config.block_size, self.config.sliding_window
-        B, T0 = idx.shape
-        total = T0 + max_new_tokens
-
-        def sample(logits):
-            return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-
-        out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
-        out[:, :T0] = idx
-        if max_new_tokens == 0:
-            return out
-
-        if total > block_size and (window is None or not use_cache):
-            if not crop:
-                why = "without a sliding window" if window is None else "with use_cache=False"
-                raise ValueError(
-                    f"generation longer than the context (block_size={block_size}) {why}: prompt "
-                    f"{T0} + max_new_tokens {max_new_tokens} = {total}; pass crop=True to condition "
-                    "on the last block_size tokens (nanoGPT's behaviour)"
-                )
-            for t in range(T0, total):
-                context = out[:, max(0, t - block_size) : t]
-                out[:, t] = sample(self._step_logits(context, None))
-            return out
-
-        if not use_cache:
-            for t in range(T0, total):
-                out[:, t] = sample(self._step_logits(out[:, :t], None))
-            return out
-
-        cache = self.new_cache(B, max_len=None if window is not None else total)
-        # one forward call takes at most block_size tokens: prefill a long prompt in chunks
-        for s in range(0, T0, block_size):
-            logits = self._step_logits(idx[:, s : s + block_size], cache)
-        for t in range(T0, total):
-            next_id = sample(logits)
-            out[:, t] = next_id
-            if t + 1 < total:
-                logits = self._step_logits(next_id.unsqueeze(1), cache)
-        return out

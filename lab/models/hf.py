@@ -2,8 +2,8 @@
 
 `export_hf` writes a lab `GPT` as a standard Hugging Face checkpoint directory
 (`config.json` + `model.safetensors`, plus `lab_config.json` with the lab
-`GPTConfig`) in whichever stock architecture computes *exactly* the same
-function:
+`GPTConfig`, and the tokenizer as `tokenizer.json` when it is given) in
+whichever stock architecture computes *exactly* the same function:
 
 * GPT-2 layout (learned positions, LayerNorm, GELU MLP, multi-head attention)
   -> `GPT2LMHeadModel`, with `activation_function="gelu"` (exact erf GELU,
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from lab.models.gpt import GPT, GPTConfig
+from lab.models.config import GPTConfig
+from lab.models.gpt import GPT
 
 __all__ = [
     "ModelUnavailableError",
@@ -313,15 +314,19 @@ def _looks_like_export(path: Path) -> bool:
     )
 
 
-def export_hf(model: GPT, path, *, dtype: torch.dtype | None = None) -> Path:
+def export_hf(model: GPT, path, *, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
     """Write `model` as a Hugging Face causal-LM checkpoint directory at `path`.
 
     The directory holds config.json, model.safetensors (via save_pretrained)
-    and lab_config.json. It is built in a temporary sibling and renamed into
-    place, so a failed export leaves any earlier export at `path` untouched.
-    `dtype` (e.g. torch.bfloat16) casts the stored weights; default: as is.
+    and lab_config.json; with `tokenizer` (the lab's CharTokenizer or BPETokenizer the
+    model was trained with) also tokenizer.json and tokenizer_config.json, so
+    `AutoTokenizer.from_pretrained(path)` and `pipeline("text-generation", model=path)`
+    load the directory as it is (see lab.tokenizers.fast). It is built in a temporary
+    sibling and renamed into place, so a failed export leaves any earlier export at
+    `path` untouched. `dtype` (e.g. torch.bfloat16) casts the stored weights; default: as is.
     Dropout is a training setting and is exported as 0 (it is kept in lab_config.json).
-    Raises ValueError when no supported architecture computes exactly what the model does.
+    Raises ValueError when no supported architecture computes exactly what the model does,
+    or when the tokenizer has more ids than the model has rows.
     """
     if not isinstance(model, GPT):
         raise ValueError(f"export_hf expects a lab GPT, got {type(model).__name__}")
@@ -329,6 +334,17 @@ def export_hf(model: GPT, path, *, dtype: torch.dtype | None = None) -> Path:
         raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
     path = Path(path)
     _choose_arch(model.config)  # fail fast, before touching the filesystem
+    hf_tokenizer = None
+    if tokenizer is not None:
+        from lab.tokenizers.fast import to_hf_tokenizer
+
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size} "
+                "embedding rows: it was not trained with this tokenizer"
+            )
+        hf_tokenizer = to_hf_tokenizer(tokenizer)  # ValueError for a tokenizer it cannot convert
+        hf_tokenizer.model_max_length = model.config.block_size
     if path.exists() and not _looks_like_export(path):
         raise ValueError(
             f"refusing to replace {path}: it exists and is not an empty directory or an "
@@ -342,6 +358,8 @@ def export_hf(model: GPT, path, *, dtype: torch.dtype | None = None) -> Path:
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
         (tmp / LAB_CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        if hf_tokenizer is not None:
+            hf_tokenizer.save_pretrained(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "export")  # move the previous export aside
@@ -474,7 +492,7 @@ def load_lab_from_hf(path, *, dtype: torch.dtype | None = None) -> GPT:
             elif bool(v.any()):
                 raise ValueError(f"{k} is non-zero but the lab config has bias=False")
     else:
-        c, s = config, _spec(config)
+        c = config
         lab_sd["wte.weight"] = hf_sd["model.embed_tokens.weight"]
         lab_sd["ln_f.weight"] = hf_sd["model.norm.weight"]
         lab_sd["lm_head.weight"] = hf_sd["lm_head.weight"]

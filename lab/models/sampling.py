@@ -39,7 +39,9 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Set every logit below the k-th largest in its row to -inf.
 
     Ties with the k-th largest value are kept, as in nanoGPT, so a row can keep
-    more than k entries only when logits tie exactly.
+    more than k entries only when logits tie exactly. A k larger than the vocabulary
+    (the V columns of logits) keeps every entry: it filters nothing, as in Hugging Face's
+    top-k; k < 1 is a ValueError.
     """
     _check_logits(logits)
     check_sampling_args(1.0, k, None)
@@ -78,6 +80,8 @@ def sample_next(
     """One token id per row of logits (B, V) -> (B,) int64.
 
     temperature == 0 is greedy decoding (argmax); top_k and top_p then change nothing.
+    A top_k larger than the vocabulary (V) keeps every token, like top_k=None (see
+    filter_top_k); top_k < 1 or top_p outside (0, 1] raises ValueError.
     """
     _check_logits(logits)
     check_sampling_args(temperature, top_k, top_p)

@@ -16,19 +16,34 @@ import pytest
 
 from lab.profiles import PROFILES, Profile, get_profile
 from lab.report import provenance
+from lab.report import registry as reg
 from lab.report.outcome import Outcome
 from lab.report.predictions import (
+    CHECK,
     CONFIRMED,
     INCONCLUSIVE,
+    INVALID,
     REFUTED,
+    Evidence,
     Judgement,
     Prediction,
     combine,
+    invalidate,
     judge,
 )
-from lab.report.store import DEFAULT_STORE, ResultRecord, Store, StoreError
+from lab.report.store import (
+    DEFAULT_STORE,
+    Heartbeat,
+    ResultRecord,
+    Store,
+    StoreError,
+    check_store,
+    host_name,
+    process_start_time,
+)
 
 VERDICT_KEY = "lab_verdict"
+pytest_plugins = ["lab.report.progress"]  # live progress of training runs (its own module)
 
 
 @dataclass
@@ -40,14 +55,28 @@ class LabState:
     is_controller: bool
     started_at: float
     rootpath: Path
+    pid: int = 0  # the process that owns the run (xdist: the controller), for interrupted-run detection
+    pid_started: float | None = None
     store: Store | None = None
     run_started: bool = False
     summaries: list = field(default_factory=list)
+    registry: dict | None = None
+    heartbeat: Heartbeat | None = None
+
+    def load_registry(self) -> dict:
+        """The committed registry ({} when there is none yet), read once per process."""
+        if self.registry is None:
+            try:
+                self.registry, _ = reg.load(self.rootpath / reg.REGISTRY_PATH)
+            except reg.RegistryError as exc:
+                raise pytest.UsageError(str(exc)) from None
+        return self.registry
 
     def get_store(self) -> Store:
         if self.store is None:
             try:
-                self.store = Store(self.store_path)
+                # the controller verified the file at start-up; a worker need not scan it again
+                self.store = Store(self.store_path, verify=self.is_controller)
             except StoreError as exc:
                 raise pytest.UsageError(str(exc)) from None
         if not self.run_started:
@@ -70,7 +99,10 @@ class LabState:
             python=versions["python"],
             torch=versions.get("torch"),
             packages=versions,
-            host=os.uname().nodename,
+            host=host_name(),
+            pid=self.pid,
+            pid_started=self.pid_started,
+            heartbeat_at=time.time(),
             argv=provenance.argv(),
         )
 
@@ -96,9 +128,31 @@ def pytest_addoption(parser):
     group.addoption(
         "--lab-site",
         action="store_true",
-        help="after the run, regenerate the result pages under docs/ from the store",
+        help="after the run, regenerate the result pages from the store: under docs/ for the reference store "
+        "(results/lab.sqlite), in <store>-site/ beside any other store",
     )
     group.addoption("--lab-list", action="store_true", help="list hypotheses and their predictions; run nothing")
+    group.addoption(
+        "--lab-register",
+        action="store_true",
+        help=f"register every prediction in {reg.REGISTRY_PATH} (commit it before running them); run nothing",
+    )
+    group.addoption(
+        "--lab-register-check",
+        action="store_true",
+        help="fail when a prediction, its code, data or settings changed since registration; run nothing",
+    )
+    group.addoption(
+        "--lab-register-backfill",
+        default=None,
+        metavar="NOTES",
+        help="one-time: date and classify predictions that predate the registry from git, the store and NOTES",
+    )
+    group.addoption(
+        "--lab-register-reason",
+        default=None,
+        help="why registered predictions with results are being changed (each becomes an amendment)",
+    )
 
 
 def _parse_seeds(raw: str | None):
@@ -110,21 +164,22 @@ def _parse_seeds(raw: str | None):
         raise pytest.UsageError(f"--lab-seeds expects comma-separated ints, got {raw!r}") from None
 
 
-def _check_writable(path: Path) -> None:
-    """Fail at start-up, not after an hour of training, when the store can't be written."""
-    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("/"))
-    if path.exists() and not path.is_file():
-        problem = "it is not a file"
-    elif not path.exists() and not probe.is_dir():
-        problem = f"{probe} is not a directory"
-    elif not os.access(probe, os.W_OK):
-        problem = f"{probe} is not writable"
-    else:
-        return
-    raise pytest.UsageError(
-        f"cannot write the results store at {str(path)!r}: {problem}. "
-        "Pass a writable path with --lab-store PATH or set LAB_STORE."
-    )
+def _records_results(config) -> bool:
+    """Whether this pytest invocation may run tests and so write to the store."""
+    opt = config.option
+    if getattr(opt, "help", False) or getattr(opt, "version", False) or getattr(opt, "collectonly", False):
+        return False
+    return not any(config.getoption(o) for o in ("--lab-list", "--lab-register", "--lab-register-check"))
+
+
+def _check_store_at_startup(path: Path) -> None:
+    """Fail at start-up, not after an hour of training, when the store is unusable: an
+    existing file must be an intact, writable store (checked without writing to it, so
+    a run of unit tests leaves it as it is); a missing one must be creatable."""
+    try:
+        check_store(path, write=True)
+    except StoreError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_configure(config):
@@ -141,8 +196,10 @@ def pytest_configure(config):
                 f"profile {profile.name!r} needs CUDA, which is not available here; use --lab-profile cpu or smoke"
             )
     store_path = Path(config.getoption("--lab-store") or os.environ.get("LAB_STORE") or config.rootpath / DEFAULT_STORE)
-    _check_writable(store_path)
     workerinput = getattr(config, "workerinput", None)
+    records = _records_results(config)
+    if records and workerinput is None:
+        _check_store_at_startup(store_path)
     state = LabState(
         profile=profile,
         store_path=store_path,
@@ -151,8 +208,16 @@ def pytest_configure(config):
         is_controller=workerinput is None,
         started_at=workerinput["lab_started_at"] if workerinput else time.time(),
         rootpath=config.rootpath,
+        pid=workerinput["lab_pid"] if workerinput else os.getpid(),
+        pid_started=workerinput["lab_pid_started"] if workerinput else process_start_time(os.getpid()),
     )
     config.stash[_STATE] = state
+    if records and workerinput is None:
+        # renews the run's heartbeat_at (once a hypothesis has created the run row), so a
+        # store shared between machines can tell this run from one that died
+        state.heartbeat = Heartbeat(store_path, state.run_id).start()
+    if config.getoption("--lab-register") or config.getoption("--lab-register-check"):
+        config.pluginmanager.register(_Register(config), "lab-register")
     config.pluginmanager.register(_Summary(state), "lab-summary")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(state), "lab-xdist")
@@ -165,6 +230,8 @@ class _XdistHooks:
     def pytest_configure_node(self, node):
         node.workerinput["lab_run_id"] = self.state.run_id
         node.workerinput["lab_started_at"] = self.state.started_at
+        node.workerinput["lab_pid"] = self.state.pid
+        node.workerinput["lab_pid_started"] = self.state.pid_started
 
 
 def _is_hypothesis(item) -> bool:
@@ -189,6 +256,95 @@ def pytest_collection_modifyitems(session, config, items):
     if config.getoption("--lab-list"):
         _list_hypotheses(config, items)
         items[:] = []
+
+
+def registry_entries(item) -> list[reg.Entry]:
+    """The registry entries the collected hypothesis `item` would have now."""
+    from lab.session import Lab
+
+    cached = getattr(item, "_lab_registry_entries", None)
+    if cached is None:
+        cached = reg.entries_for_item(item, _predictions(item), _evidence_profiles(), item.config.rootpath, Lab)
+        item._lab_registry_entries = cached
+    return cached
+
+
+def _evidence_profiles() -> dict:
+    return {name: get_profile(name) for name in reg.EVIDENCE_PROFILES}
+
+
+class _Register:
+    """--lab-register / --lab-register-check: runs on the whole collection, before -m / -k
+    deselect anything, so a partial selection can never retire other predictions."""
+
+    def __init__(self, config):
+        self.config = config
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, session, config, items):
+        root = config.rootpath
+        if [Path(a).resolve() for a in config.args] != [root / "hypotheses"]:
+            raise pytest.UsageError(
+                f"registration reads every hypothesis: run it on the hypotheses/ folder alone "
+                f"(`lab register`), not on {' '.join(config.args)}"
+            )
+        current = [e for item in items if _is_hypothesis(item) for e in registry_entries(item)]
+        state = config.stash[_STATE]
+        path = root / reg.REGISTRY_PATH
+        try:
+            registry, retired = reg.load(path)
+            if config.getoption("--lab-register-check"):
+                problems = reg.check(current, registry)
+                items[:] = []
+                if problems:
+                    pytest.exit(
+                        f"{len(problems)} prediction(s) not registered as they are now "
+                        f"({path.relative_to(root)}):\n  " + "\n  ".join(problems) + "\nRun `lab register`.",
+                        returncode=1,
+                    )
+                pytest.exit(f"registry is current: {len(current)} predictions", returncode=0)
+            results = reg.Results(state.store_path)
+            notes = config.getoption("--lab-register-backfill")
+            if notes is not None:
+                new, retired, changes = self._backfill(items, current, registry, root, state, Path(notes))
+            else:
+                new, retired, changes = reg.register(
+                    current, registry, retired, results, reason=config.getoption("--lab-register-reason")
+                )
+        except reg.RegistryError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        reg.save(path, new, retired)
+        items[:] = []
+        counts: dict[str, int] = {}
+        for c in changes:
+            counts[c.kind] = counts.get(c.kind, 0) + 1
+        lines = [f"  {c.kind:<13} {c.id}" + (f" ({', '.join(c.changed)})" if c.changed else "") for c in changes]
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no changes"
+        pytest.exit(
+            "\n".join([*lines, f"registered {len(new)} predictions in {path.relative_to(root)}: {summary}"]),
+            returncode=0,
+        )
+
+    @staticmethod
+    def _backfill(items, current, registry, root, state, notes):
+        from lab.report.backfill import backfill, retired_from_store
+
+        if registry:
+            raise reg.RegistryError("--backfill is for a project without a registry: this one has one already")
+        templates, legacy = {}, {}
+        for item in items:
+            if not _is_hypothesis(item):
+                continue
+            raw = [m.args[0] for m in reversed(list(item.iter_markers("lab_prediction")))]
+            for idx, (r, p) in enumerate(zip(raw, _predictions(item))):
+                templates[f"{item.nodeid}#{idx}"] = r.text
+                legacy[f"{item.nodeid}#{idx}"] = p.fingerprint()
+        when = reg.now_iso()
+        new = backfill(current, templates, legacy, root=root, store_path=state.store_path, notes_path=notes, when=when)
+        retired = retired_from_store(current, state.store_path, when)
+        changes = [reg.Change(e.id, e.status + (" amended" if e.amendments else "")) for e in new.values()]
+        changes += [reg.Change(r["id"], "retired") for r in retired]
+        return new, retired, changes
 
 
 def _list_hypotheses(config, items) -> None:
@@ -263,13 +419,27 @@ def _judge_all(item, out: Outcome | None) -> tuple[list[Judgement], str | None]:
         return [], "hypothesis has predictions but does not use the `outcome` fixture"
     if not out.measurements:
         return [], "missing outcome: the test recorded no measurements"
+    evidence = Evidence(out.measurements, frozenset(out.deterministic), out.trials)
+    failed = [f"{check} ({detail})" if detail else check for check, _, detail in out.failed_checks]
     judgements = []
     for p in preds:
         try:
-            judgements.append(judge(p, out.measurements))
+            j = judge(p, evidence)
         except (LookupError, ValueError) as exc:
             return [], str(exc)
+        judgements.append(invalidate(j, failed) if failed and p.kind == "prediction" else j)
     return judgements, None
+
+
+def hypothesis_verdict(judgements: list[Judgement]) -> str | None:
+    """The page's verdict: from the predictions; a test with only checks is a *check*
+    when they all hold (inconclusive otherwise: the invariant was not shown)."""
+    if not judgements:
+        return None
+    claims = [j.verdict for j in judgements if j.prediction.kind == "prediction"]
+    if claims:
+        return combine(claims)
+    return CHECK if all(j.verdict == CONFIRMED for j in judgements) else INCONCLUSIVE
 
 
 def _benchmark_rows(item) -> list[dict]:
@@ -326,8 +496,16 @@ def pytest_runtest_makereport(item, call):
         error = _longrepr_text(report) if report.failed else _skip_reason(report)
     elif report.passed:
         judgements, error = _judge_all(item, out)
+        broken = [j for j in judgements if j.prediction.kind == "check" and j.verdict == REFUTED]
         if error:
             _fail(report, f"[lab] {error}")
+            status = "failed"
+        elif broken:
+            _fail(
+                report,
+                "[lab] a check (an invariant that holds by construction) does not hold: "
+                + "; ".join(f"{j.prediction.text} -- {j.prediction.claim}: {j.interval.describe()}" for j in broken),
+            )
             status = "failed"
         elif state.strict and any(j.verdict == REFUTED for j in judgements):
             _fail(
@@ -338,7 +516,8 @@ def pytest_runtest_makereport(item, call):
             status = "failed"
     else:
         error = _skip_reason(report) if report.skipped else _longrepr_text(report)
-    verdict = combine([j.verdict for j in judgements]) if judgements and status == "passed" else None
+    verdict = hypothesis_verdict(judgements) if status == "passed" else None
+    registrations = _registrations(item, state) if judgements else []
     title, doc = _doc(item)
     params = getattr(getattr(item, "callspec", None), "params", {})
     record = ResultRecord(
@@ -361,9 +540,13 @@ def pytest_runtest_makereport(item, call):
         measurements=[
             (m, s, v) for m, samples in (out.measurements.items() if out else []) for s, v in samples.items()
         ],
-        verdicts=[_verdict_row(i, j) for i, j in enumerate(judgements)],
+        verdicts=[_verdict_row(i, j, registrations) for i, j in enumerate(judgements)],
         artifacts=[(a.name, a.kind, a.caption, a.data) for a in (out.artifacts if out else [])],
         benchmarks=_benchmark_rows(item),
+        validity=[list(v) for v in (out.validity if out else [])],
+        deterministic=sorted(out.deterministic) if out else [],
+        trials=dict(out.trials) if out else {},
+        source_hash=registrations[0]["fingerprint"] if registrations else None,
     )
     state.get_store().add_result(record)
     report.user_properties.append(
@@ -384,8 +567,24 @@ def pytest_runtest_makereport(item, call):
     )
 
 
-def _verdict_row(idx: int, j: Judgement) -> dict:
+def _registrations(item, state: LabState) -> list[dict]:
+    """For each prediction: its fingerprint now and what the registry says of it."""
+    registry = state.load_registry()
+    current = registry_entries(item)
+    out = []
+    for e in current:
+        reg = registry.get(e.id)
+        rec = reg.as_run_record(e.fingerprint) if reg else {"status": "unregistered", "registered": None}
+        out.append({"fingerprint": e.fingerprint, **rec})
+    return out
+
+
+def _verdict_row(idx: int, j: Judgement, registrations: list[dict]) -> dict:
+    reg = registrations[idx] if idx < len(registrations) else None
     return {
+        "kind": j.prediction.kind,
+        "fingerprint": reg["fingerprint"] if reg else None,
+        "registration": {k: v for k, v in reg.items() if k != "fingerprint"} if reg else None,
         "idx": idx,
         "pred_hash": j.prediction.fingerprint(),
         "text": j.prediction.text,
@@ -446,14 +645,20 @@ class _Summary:
         if not state.is_controller or not state.summaries:
             return
         tr = terminalreporter
-        counts = {CONFIRMED: 0, REFUTED: 0, INCONCLUSIVE: 0, "failed": 0, "skipped": 0}
+        counts = {CONFIRMED: 0, REFUTED: 0, INCONCLUSIVE: 0, INVALID: 0, CHECK: 0, "failed": 0, "skipped": 0}
         for s in state.summaries:
             if s["status"] in ("failed", "skipped"):
                 counts[s["status"]] += 1
             elif s["verdict"]:
                 counts[s["verdict"]] += 1
         tr.write_sep("=", f"LLM Lab verdicts (profile: {state.profile.name}, store: {state.store_path})")
-        colors = {CONFIRMED: {"green": True}, REFUTED: {"red": True}, INCONCLUSIVE: {"yellow": True}}
+        colors = {
+            CONFIRMED: {"green": True},
+            REFUTED: {"red": True},
+            INCONCLUSIVE: {"yellow": True},
+            INVALID: {"purple": True},
+            CHECK: {"cyan": True},
+        }
         for s in state.summaries:
             label = (s["verdict"] or s["status"]).upper()
             style = colors.get(s["verdict"], {"red": True} if s["status"] == "failed" else {})
@@ -463,8 +668,8 @@ class _Summary:
                 tr.line(f"    {line}")
         tr.line(
             f"{counts[CONFIRMED]} confirmed, {counts[REFUTED]} refuted, "
-            f"{counts[INCONCLUSIVE]} inconclusive, {counts['failed']} failed, "
-            f"{counts['skipped']} skipped",
+            f"{counts[INCONCLUSIVE]} inconclusive, {counts[INVALID]} invalid, {counts[CHECK]} checks, "
+            f"{counts['failed']} failed, {counts['skipped']} skipped",
             bold=True,
         )
         if state.profile.name == "smoke":
@@ -481,15 +686,21 @@ def pytest_sessionfinish(session, exitstatus):
     store = state.store or Store(state.store_path)
     store.finish_run(state.run_id, exitstatus=int(exitstatus), status=status)
     if session.config.getoption("--lab-site"):
-        from lab.report.site import write_pages
+        from lab.report.site import site_location, write_site_pages
 
-        pages = write_pages(state.store_path, session.config.rootpath / "docs")
-        session.config.get_terminal_writer().line(f"[lab] wrote {pages} result pages under docs/")
+        where = site_location(state.store_path, session.config.rootpath)
+        pages = write_site_pages(state.store_path, where, session.config.rootpath)
+        session.config.get_terminal_writer().line(f"[lab] wrote {pages} result pages under {where.docs}")
 
 
 def pytest_unconfigure(config):
-    # closing checkpoints SQLite's write-ahead log into the store file itself
     state = config.stash.get(_STATE, None)
-    if state is not None and state.store is not None:
+    if state is None:
+        return
+    if state.heartbeat is not None:
+        state.heartbeat.stop()
+        state.heartbeat = None
+    # closing checkpoints SQLite's write-ahead log into the store file itself
+    if state.store is not None:
         state.store.close()
         state.store = None

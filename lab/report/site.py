@@ -6,6 +6,11 @@ Generated (rewritten on every build, never edit by hand):
     docs/benchmarks.md                 pytest-benchmark comparisons
     docs/runs.md                       every run with its provenance
 Hand-written pages live in docs/guide/.
+
+Only the reference store (results/lab.sqlite) writes into the committed docs/. Any
+other store gets a site of its own beside it (`<store>-site/`, see site_location): a
+copy of the hand-written pages plus its generated pages, and an mkdocs.yml that
+inherits the project's, so its results never overwrite or delete the reference pages.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.report.store import Store
+from lab.report.store import DEFAULT_STORE, Store
 
 PROFILE_ORDER = ("cpu", "gpu", "smoke")
 TRACKS = {
@@ -137,7 +142,8 @@ class _Reader:
             r["estimates"] = [
                 dict(v)
                 for v in self.store.query(
-                    "SELECT metric, estimate, low, high, verdict, pred_hash FROM verdicts WHERE result_id = ? ORDER BY idx",
+                    "SELECT metric, estimate, low, high, verdict, pred_hash FROM verdicts "
+                    "WHERE result_id = ? ORDER BY idx",
                     (r["result_id"],),
                 )
             ]
@@ -189,79 +195,103 @@ def bench_anchor(profile: str, group: str) -> str:
 
 
 def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, img_rel: str, bench_link: str) -> str:
-    row, run = res.row, res.run
-    lines = []
+    """One profile's tab on a hypothesis page: verdict, predictions, validity, notes,
+    measurements, artifacts, provenance."""
+    lines = _status_lines(res.row)
+    if res.verdicts:
+        lines += _verdict_table(reader, res.verdicts, nodeid)
+    lines += _validity_lines(res.row)
+    notes = json.loads(res.row["notes"] or "[]")
+    if notes:
+        lines += [""] + [f"- {html.escape(n)}" for n in notes]
+    lines += _measurement_lines(res)
+    lines += _artifact_lines(res, img_dir, img_rel, bench_link)
+    lines += _provenance_lines(res)
+    return "\n".join(lines)
+
+
+def _status_lines(row: dict) -> list[str]:
     if row["status"] != "passed":
-        lines.append(f"**Status: {row['status']}** " + _badge(None, row["status"]))
+        lines = [f"**Status: {row['status']}** " + _badge(None, row["status"])]
         if row["error"]:
             lines += ["", "```text", row["error"].strip()[-2000:], "```"]
     else:
-        lines.append(f"**Verdict:** {_badge(row['verdict'])}")
+        lines = [f"**Verdict:** {_badge(row['verdict'])}"]
     if row["profile"] == "smoke":
         lines += [
             "",
             '!!! note "Smoke profile"',
-            "    One seed and tiny models: this result exercises the code, it is not evidence for or against the claim.",
+            "    One seed and tiny models: this result exercises the code, "
+            "it is not evidence for or against the claim.",
         ]
-    if res.verdicts:
+    return lines
+
+
+def _verdict_table(reader: _Reader, verdicts: list[dict], nodeid: str) -> list[str]:
+    lines = [
+        "",
+        "| prediction | claim | estimate | interval | n | method | verdict | registration |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in verdicts:
+        text = html.escape(v["text"]).replace("|", "\\|")
+        if v.get("kind") == "check":
+            text = '<span class="lab-kind">check</span> ' + text
+        claim = v["claim"].replace("|", "\\|")
+        lines.append(
+            f"| {text} | `{claim}` | {_fmt_num(v['estimate'])} | {_interval_cell(v)} | {v['n']} | "
+            f"{_method_cell(v)} | {_badge(v['verdict'])} | {_registration_cell(reader, nodeid, v)} |"
+        )
+    for d in dict.fromkeys(v["detail"] for v in verdicts if v.get("detail")):
+        lines.append(f"\n*{html.escape(d)}*")
+    return lines + _amendment_blocks(verdicts)
+
+
+def _validity_lines(row: dict) -> list[str]:
+    validity = json.loads(row.get("validity") or "[]")
+    if not validity:
+        return []
+    failed = [c for c in validity if not c[1]]
+    kind, title = ("failure", "Validity checks failed: no verdict") if failed else ("success", "Validity checks")
+    lines = ["", f'!!! {kind} "{title}"', ""]
+    if failed:
         lines += [
+            "    The experiment did not do what the claim needs, so its numbers say nothing for or "
+            "against the prediction. They are shown, but the verdict is *invalid*.",
             "",
-            "| prediction | claim | estimate | interval | n | method | verdict |",
-            "|---|---|---|---|---|---|---|",
         ]
-        for v in res.verdicts:
-            lo = "-inf" if v["low"] is None else _fmt_num(v["low"])
-            hi = "+inf" if v["high"] is None else _fmt_num(v["high"])
-            interval = "-" if v["method"] in ("point", "none") else f"[{lo}, {hi}]"
-            method = {
-                "t": f"{v['confidence']:.0%} Student-t",
-                "bootstrap": f"{v['confidence']:.0%} bootstrap",
-                "point": "exact value",
-                "none": "too few seeds",
-            }.get(v["method"], v["method"])
-            text = html.escape(v["text"]).replace("|", "\\|")
-            flag = ""
-            edited = reader.edited_predictions(nodeid, v["idx"], v["pred_hash"])
-            if edited:
-                first = edited[0]
-                flag = (
-                    f' <span class="lab-edited" title="first registered {_fmt_time(first["first_seen"])}: '
-                    f'{html.escape(first["text"])}">&#9888; prediction edited after results existed '
-                    f"(originally: &ldquo;{html.escape(first['text'])}&rdquo;, {html.escape(first['claim'])})</span>"
-                )
-            claim = v["claim"].replace("|", "\\|")
-            lines.append(
-                f"| {text}{flag} | `{claim}` | {_fmt_num(v['estimate'])} | {interval} | {v['n']} | {method} | {_badge(v['verdict'])} |"
-            )
-        details = [v["detail"] for v in res.verdicts if v.get("detail")]
-        for d in details:
-            lines.append(f"\n*{html.escape(d)}*")
-        regs = [reader.registration(nodeid, v["idx"], v["pred_hash"]) for v in res.verdicts]
-        first = min((r["first_seen"] for r in regs if r), default=None)
-        if first:
-            lines.append(f"\nPrediction registered {_fmt_time(first)}, before the run that produced it.")
-    notes = json.loads(row["notes"] or "[]")
-    if notes:
-        lines += [""] + [f"- {html.escape(n)}" for n in notes]
-    if res.measurements:
-        units = json.loads(row["units"] or "{}")
-        by_metric: dict[str, list] = defaultdict(list)
-        for m in res.measurements:
-            by_metric[m["metric"]].append(m)
-        lines += [
-            "",
-            '??? info "Measurements"',
-            "",
-            "    | metric | unit | values (seed: value) | mean |",
-            "    |---|---|---|---|",
-        ]
-        for metric, ms in by_metric.items():
-            vals = ", ".join(
-                f"{m['seed']}: {_fmt_num(m['value'])}" if m["seed"] is not None else _fmt_num(m["value"])
-                for m in sorted(ms, key=lambda m: (m["seed"] is None, m["seed"] or 0))
-            )
-            mean = sum(m["value"] for m in ms) / len(ms)
-            lines.append(f"    | `{metric}` | {units.get(metric, '')} | {vals} | {_fmt_num(mean)} |")
+    for check, passed, detail in validity:
+        mark = "passed" if passed else "**failed**"
+        lines.append(f"    - {html.escape(check)}: {mark}" + (f" ({html.escape(detail)})" if detail else ""))
+    return lines
+
+
+def _measurement_lines(res: Result) -> list[str]:
+    if not res.measurements:
+        return []
+    units = json.loads(res.row["units"] or "{}")
+    by_metric: dict[str, list] = defaultdict(list)
+    for m in res.measurements:
+        by_metric[m["metric"]].append(m)
+    lines = [
+        "",
+        '??? info "Measurements"',
+        "",
+        "    | metric | unit | values (seed: value) | mean |",
+        "    |---|---|---|---|",
+    ]
+    for metric, ms in by_metric.items():
+        vals = ", ".join(
+            f"{m['seed']}: {_fmt_num(m['value'])}" if m["seed"] is not None else _fmt_num(m["value"])
+            for m in sorted(ms, key=lambda m: (m["seed"] is None, m["seed"] or 0))
+        )
+        mean = sum(m["value"] for m in ms) / len(ms)
+        lines.append(f"    | `{metric}` | {units.get(metric, '')} | {vals} | {_fmt_num(mean)} |")
+    return lines
+
+
+def _artifact_lines(res: Result, img_dir: Path, img_rel: str, bench_link: str) -> list[str]:
+    row, lines = res.row, []
     for i, a in enumerate(res.artifacts):
         caption = html.escape(a["caption"] or a["name"])
         if a["kind"] == "png":
@@ -280,9 +310,14 @@ def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, i
                 lines += ["", f"**{caption}**", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
                 for r in rows:
                     lines.append("| " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
+    return lines
+
+
+def _provenance_lines(res: Result) -> list[str]:
+    row, run = res.row, res.run
     dirty = " (uncommitted changes)" if run.get("git_dirty") else ""
     commit = (run.get("git_commit") or "unknown")[:10]
-    lines += [
+    return [
         "",
         '??? abstract "Provenance"',
         "",
@@ -293,7 +328,101 @@ def _profile_section(reader: _Reader, res: Result, nodeid: str, img_dir: Path, i
         f"    - seeds: {', '.join(map(str, json.loads(row['seeds'] or '[]'))) or 'none (exact measurements)'}",
         f"    - wall time {_fmt_num(row['wall_time_s'])} s, peak memory {_fmt_bytes(row['peak_memory_bytes'])}",
     ]
-    return "\n".join(lines)
+
+
+_METHODS = {
+    "t": "Student-t",
+    "bootstrap": "bootstrap",
+    "binomial": "exact binomial",
+    "newcombe": "Newcombe (difference of proportions)",
+    "point": "exact value",
+    "none": "no interval",
+}
+
+
+def _interval_cell(v: dict) -> str:
+    if v["method"] in ("point", "none"):
+        return "-"
+    lo = "-inf" if v["low"] is None else _fmt_num(v["low"])
+    hi = "+inf" if v["high"] is None else _fmt_num(v["high"])
+    return f"[{lo}, {hi}]"
+
+
+def _method_cell(v: dict) -> str:
+    name = _METHODS.get(v["method"], v["method"])
+    if v["method"] in ("point", "none"):
+        return name
+    return f"{v['confidence']:.0%} {name}"
+
+
+def registration_of(v: dict) -> dict | None:
+    raw = v.get("registration")
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def registration_class(v: dict) -> str:
+    """preregistered | exploratory | amended | unregistered: how a verdict row counts."""
+    reg = registration_of(v)
+    if reg is None or reg.get("status") in ("unregistered", "changed"):
+        return "unregistered"
+    if reg.get("status") == "exploratory":
+        return "exploratory"
+    return "amended" if reg.get("amendments") else "preregistered"
+
+
+def _date(iso: str | None) -> str:
+    return (iso or "?")[:10]
+
+
+def _registration_cell(reader: _Reader, nodeid: str, v: dict) -> str:
+    reg = registration_of(v)
+    status = reg.get("status") if reg else None
+    if status in (None, "unregistered", "changed"):
+        label = {
+            None: "recorded at run time (before the registry)",
+            "unregistered": '<span class="lab-reg lab-reg-none">not registered</span>',
+            "changed": '<span class="lab-reg lab-reg-none">changed since registration: not pre-registered</span>',
+        }[status]
+        edited = reader.edited_predictions(nodeid, v["idx"], v["pred_hash"])
+        if edited:  # the store's own record of earlier texts of this prediction
+            first = edited[0]
+            label += (
+                f' <span class="lab-edited">&#9888; prediction edited after results existed (originally: '
+                f"&ldquo;{html.escape(first['text'])}&rdquo;, {html.escape(first['claim'])})</span>"
+            )
+        return label
+    if status == "exploratory":
+        why = html.escape(reg.get("reason") or "")
+        return f'<span class="lab-reg lab-reg-exploratory" title="{why}">exploratory</span> ({why})'
+    cell = f'<span class="lab-reg lab-reg-pre">pre-registered {_date(reg.get("registered"))}</span>'
+    amendments = reg.get("amendments") or []
+    if amendments:
+        dates = ", ".join(_date(a.get("date")) for a in amendments)
+        cell += f' <span class="lab-reg lab-reg-amended">amended after results {dates}</span>'
+    return cell
+
+
+def _amendment_blocks(verdicts: list[dict]) -> list[str]:
+    lines = []
+    for v in verdicts:
+        reg = registration_of(v) or {}
+        for a in reg.get("amendments") or []:
+            changed = ", ".join(a.get("changed") or [])
+            lines += [
+                "",
+                f'!!! warning "Amended after results, {_date(a.get("date"))}: {html.escape(v["text"][:80])}"',
+                "",
+                f"    {html.escape(a.get('reason') or '')} (changed: {html.escape(changed)})",
+                "",
+                "    | | prediction | claim |",
+                "    |---|---|---|",
+                f"    | before | {html.escape(a.get('old_text') or '').replace('|', '/')} | "
+                f"`{(a.get('old_expect') or '').replace('|', '/')}` |",
+                f"    | after | {html.escape(v['text']).replace('|', '/')} | `{v['claim'].replace('|', '/')}` |",
+                "",
+                "    Verdicts under the earlier version stay in the history below.",
+            ]
+    return lines
 
 
 def _cell(v) -> str:
@@ -361,6 +490,7 @@ def _hypothesis_page(
 
 def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict) -> str:
     counts = defaultdict(lambda: defaultdict(int))
+    regs = defaultdict(lambda: defaultdict(int))
     rows = []
     tracks_present = set()
     measurements_only = 0
@@ -387,6 +517,9 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
             v = res.row["verdict"] if res.row["status"] == "passed" else None
             key = v or res.row["status"]
             counts[p][key] += 1
+            for vrow in res.verdicts:
+                if vrow.get("kind", "prediction") != "check":
+                    regs[p][registration_class(vrow)] += 1
             cells.append(f"<td>{_badge(v, res.row['status'])}</td>")
         mod = module_marker(markers)
         rows.append(
@@ -394,12 +527,17 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
             f"<td>{html.escape(TRACKS.get(track, track))}{' / ' + mod if mod else ''}</td>{''.join(cells)}</tr>"
         )
     options = "".join(f'<option value="{t}">{html.escape(TRACKS.get(t, t))}</option>' for t in sorted(tracks_present))
-    summary = []
+    summary = [
+        "| profile | confirmed | refuted | inconclusive | invalid | checks | failed | skipped "
+        "| predictions: pre-registered | exploratory | amended after results | not registered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in profiles:
-        c = counts[p]
+        c, r = counts[p], regs[p]
         summary.append(
-            f"- **{p}**: {c['confirmed']} confirmed, {c['refuted']} refuted, "
-            f"{c['inconclusive']} inconclusive, {c['failed']} failed, {c['skipped']} skipped"
+            f"| **{p}** | {c['confirmed']} | {c['refuted']} | {c['inconclusive']} | {c['invalid']} | {c['check']} "
+            f"| {c['failed']} | {c['skipped']} | {r['preregistered']} | {r['exploratory']} | {r['amended']} "
+            f"| {r['unregistered']} |"
         )
     last = max(runs.values(), key=lambda r: r["started_at"], default=None)
     return "\n".join(
@@ -407,16 +545,24 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
             _MARK,
             "# LLM Lab results",
             "",
-            "Every claim below is a pytest test with a prediction recorded before it ran. "
-            "The verdict comes from an interval over seeds: **confirmed** when the whole interval "
-            "satisfies the prediction, **refuted** when the whole interval violates it, "
-            "**inconclusive** otherwise. A refuted prediction is a finding, not a failure. "
+            "Every claim below is a pytest test with a recorded prediction. Its verdict comes from an "
+            "interval over seeds (or over trials, for fractions): **confirmed** when the whole interval "
+            "satisfies the prediction, **refuted** when the whole interval violates it, **inconclusive** "
+            "otherwise. A refuted prediction is a finding, not a failure. **Invalid** means the experiment "
+            "did not work (a model that never trained): no verdict on the claim. **Checks** are "
+            "invariants true by construction, shown but not counted as findings.",
+            "",
+            "Hypotheses are counted by their verdict; predictions by how they were registered: "
+            "**pre-registered** (committed in `hypotheses/registry.toml` before the first result of "
+            "their test), **exploratory** (written after results were seen), **amended after results** "
+            "(changed once results existed; the earlier verdicts stay in the page's history). "
             "See [how to read a verdict](guide/reading-verdicts.md) and "
             "[how to add a hypothesis](guide/adding-hypotheses.md).",
             "",
             *summary,
             "",
-            f"Last run: {_fmt_time(last['started_at']) if last else '-'} · [all runs](runs.md) · [benchmarks](benchmarks.md)",
+            f"Last run: {_fmt_time(last['started_at']) if last else '-'} · "
+            "[all runs](runs.md) · [benchmarks](benchmarks.md)",
             "",
             '<div class="lab-filter"><label for="lab-track-filter">Track:</label> '
             f'<select id="lab-track-filter"><option value="">all tracks</option>{options}</select></div>',
@@ -436,23 +582,96 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
     )
 
 
-def _runs_page(runs: dict) -> str:
+def _fmt_duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    h, m = divmod(round(seconds / 60), 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min"
+
+
+def _commit_label(r: dict) -> str:
+    dirty = "+dirty" if r.get("git_dirty") else ""
+    return f"`{(r.get('git_commit') or '?')[:8]}{dirty}`"
+
+
+def _packages(r: dict) -> dict:
+    try:
+        return json.loads(r.get("packages") or "{}")
+    except json.JSONDecodeError:
+        return {}
+
+
+def _retired_section(gone: dict[str, dict[str, Result]], retired: dict[str, dict]) -> str:
+    if not gone:
+        return ""
+    lines = [
+        "## Retired hypotheses",
+        "",
+        "Tests that no longer exist (removed, or renamed with a changed prediction). Their results stay in "
+        "the store; `hypotheses/registry.toml` keeps their last prediction under `retired`.",
+        "",
+        "| test | last prediction | last verdict | retired |",
+        "|---|---|---|---|",
+    ]
+    for nodeid in sorted(gone):
+        r = retired[nodeid]
+        verdicts = ", ".join(f"{p}: {res.row['verdict'] or res.row['status']}" for p, res in gone[nodeid].items())
+        text = html.escape(r.get("text", "")).replace("|", "\\|")
+        lines.append(f"| `{html.escape(nodeid)}` | {text} | {verdicts} | {_date(r.get('retired'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _runs_page(runs: dict, latest: dict[str, dict[str, Result]]) -> str:
+    behind: dict[str, int] = defaultdict(int)  # run id -> results shown on the pages
+    for by_profile in latest.values():
+        for res in by_profile.values():
+            behind[res.row["run_id"]] += 1
     lines = [
         _MARK,
         "# Runs",
         "",
-        "Every run that wrote to the store, newest first, with its provenance.",
+        "## Reference runs behind the current pages",
         "",
-        "| started | profile | status | commit | device | torch | seeds | wall time | peak memory | command |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "The runs whose results the pages show now (the latest result of every test and profile), "
+        "with the commit they ran on (`+dirty`: the working tree had uncommitted changes) and their wall time.",
+        "",
+        "| started | profile | status | commit | results shown | wall time | device | command |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(runs.values(), key=lambda r: r["started_at"], reverse=True):
-        dirty = "+dirty" if r.get("git_dirty") else ""
+    shown = sorted((runs[k] for k in behind if k in runs), key=lambda r: r["started_at"], reverse=True)
+    for r in shown:
         lines.append(
-            f"| {_fmt_time(r['started_at'])} | {r['profile']} | {r['status']} | "
-            f"`{(r.get('git_commit') or '?')[:8]}{dirty}` | {html.escape(r.get('device') or '-')} | "
-            f"{r.get('torch') or '-'} | {', '.join(map(str, json.loads(r.get('seeds') or '[]')))} | "
-            f"{_fmt_num(r.get('wall_time_s'))} s | {_fmt_bytes(r.get('peak_memory_bytes'))} | "
+            f"| {_fmt_time(r['started_at'])} | {r['profile']} | {r['status']} | {_commit_label(r)} | "
+            f"{behind[r['run_id']]} | {_fmt_duration(r.get('wall_time_s'))} | {html.escape(r.get('device') or '-')} | "
+            f"`{html.escape((r.get('argv') or '')[-80:])}` |"
+        )
+    for r in shown:
+        pk = _packages(r)
+        if pk:
+            lines += ["", f'??? info "Package versions of run {r["run_id"]} ({r["profile"]})"', ""]
+            lines += ["    " + ", ".join(f"{html.escape(k)} {html.escape(str(v))}" for k, v in sorted(pk.items()))]
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "Every run that wrote to the store, newest first. *interrupted*: killed before it finished "
+        "(its results up to then are kept). Packages: versions that differ from the newest run's.",
+        "",
+        "| started | profile | status | commit | seeds | wall time | peak memory | packages | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    ordered = sorted(runs.values(), key=lambda r: r["started_at"], reverse=True)
+    newest = _packages(ordered[0]) if ordered else {}
+    for r in ordered:
+        pk = _packages(r)
+        diff = ", ".join(f"{k} {v}" for k, v in sorted(pk.items()) if newest.get(k) != v) or "same"
+        lines.append(
+            f"| {_fmt_time(r['started_at'])} | {r['profile']} | {r['status']} | {_commit_label(r)} | "
+            f"{', '.join(map(str, json.loads(r.get('seeds') or '[]')))} | {_fmt_duration(r.get('wall_time_s'))} | "
+            f"{_fmt_bytes(r.get('peak_memory_bytes'))} | {html.escape(diff) if pk else '-'} | "
             f"`{html.escape((r.get('argv') or '')[-80:])}` |"
         )
     return "\n".join(lines) + "\n"
@@ -544,15 +763,39 @@ def _scaling_plots(rows: list[dict], img_dir: Path) -> list[str]:
     return lines
 
 
-def write_pages(store_path: str | os.PathLike, docs_dir: str | os.PathLike) -> int:
+def retired_tests(registry_path: Path) -> dict[str, dict]:
+    """{test id: retired entry} for tests all of whose predictions the registry retired."""
+    from lab.report.registry import RegistryError, load
+
+    try:
+        entries, retired = load(registry_path)
+    except RegistryError:
+        return {}
+    current = {e.test for e in entries.values()}
+    out = {}
+    for r in retired:
+        test = r["id"].rsplit("#", 1)[0]
+        if test not in current:
+            out.setdefault(test, r)
+    return out
+
+
+def write_pages(
+    store_path: str | os.PathLike, docs_dir: str | os.PathLike, registry_path: str | os.PathLike | None = None
+) -> int:
     """Regenerate every generated page under `docs_dir` from the store. Returns the number
     of hypothesis pages. Pages are built in a temporary folder and swapped in, so an
-    interrupted build never leaves a half-written site."""
+    interrupted build never leaves a half-written site. Tests the registry
+    (`registry_path`, default hypotheses/registry.toml beside `docs_dir`) retired get no
+    page: the home page lists them with their last verdict."""
     docs = Path(docs_dir)
-    store = Store(store_path)
+    registry = Path(registry_path) if registry_path else docs.resolve().parent / "hypotheses" / "registry.toml"
+    retired = retired_tests(registry)
+    store = Store(store_path, readonly=True)
     try:
         reader = _Reader(store)
         latest = reader.latest_results()
+        gone = {n: latest.pop(n) for n in list(latest) if n in retired}
         profiles = [p for p in PROFILE_ORDER if any(p in v for v in latest.values())]
         profiles += sorted({p for v in latest.values() for p in v} - set(profiles))
         docs.mkdir(parents=True, exist_ok=True)
@@ -566,9 +809,10 @@ def write_pages(store_path: str | os.PathLike, docs_dir: str | os.PathLike) -> i
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_text(text)
             (tmp / "hypotheses").mkdir(exist_ok=True)
-            (tmp / "index.md").write_text(_home(latest, profiles, reader.runs))
-            (tmp / "runs.md").write_text(_runs_page(reader.runs))
-            (tmp / "benchmarks.md").write_text(_benchmarks_page(reader.benchmarks(), tmp))
+            (tmp / "index.md").write_text(_home(latest, profiles, reader.runs) + _retired_section(gone, retired))
+            (tmp / "runs.md").write_text(_runs_page(reader.runs, latest))
+            benches = [b for b in reader.benchmarks() if b["nodeid"] not in gone]
+            (tmp / "benchmarks.md").write_text(_benchmarks_page(benches, tmp))
             for d in GENERATED_DIRS:
                 old = docs / d
                 if old.exists():
@@ -585,3 +829,69 @@ def write_pages(store_path: str | os.PathLike, docs_dir: str | os.PathLike) -> i
         return len(by_hyp)
     finally:
         store.close()
+
+
+# -- where a site goes --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteLocation:
+    docs: Path  # the generated pages (and, for a separate site, a copy of the hand-written ones)
+    config: Path  # the mkdocs.yml that builds it
+    site: Path  # where mkdocs writes the built site
+    reference: bool  # the committed reference site: docs/ from results/lab.sqlite
+
+
+def is_reference_store(store_path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether `store_path` is the project's reference store (results/lab.sqlite)."""
+    return Path(store_path).resolve() == (Path(root) / DEFAULT_STORE).resolve()
+
+
+def site_location(
+    store_path: str | os.PathLike, root: str | os.PathLike, site_dir: str | os.PathLike | None = None
+) -> SiteLocation:
+    """Where the site of `store_path` goes: docs/ and site/ of the project for the reference
+    store; otherwise `site_dir`, by default `<store>-site/` beside the store (docs/, site/
+    and mkdocs.yml inside), so other results never replace the committed pages."""
+    root = Path(root)
+    if site_dir is None and is_reference_store(store_path, root):
+        return SiteLocation(root / "docs", root / "mkdocs.yml", root / "site", True)
+    store_path = Path(store_path)
+    base = Path(site_dir) if site_dir is not None else store_path.with_name(store_path.stem + "-site")
+    where = SiteLocation(base / "docs", base / "mkdocs.yml", base / "site", False)
+    if where.docs.resolve() == (root / "docs").resolve():
+        raise ValueError(
+            f"the site of {store_path} would overwrite the committed reference pages in {root / 'docs'}: "
+            "only results/lab.sqlite builds there; choose another site directory"
+        )
+    return where
+
+
+def prepare_site(where: SiteLocation, root: str | os.PathLike) -> None:
+    """For a separate site: copy the project's hand-written pages and assets (everything
+    in docs/ but the generated pages) and write an mkdocs.yml inheriting the project's."""
+    if where.reference:
+        return
+    root = Path(root)
+    where.docs.mkdir(parents=True, exist_ok=True)
+    for entry in sorted((root / "docs").iterdir()):
+        if entry.name in GENERATED_DIRS or entry.name in GENERATED_FILES or entry.name.startswith("."):
+            continue
+        target = where.docs / entry.name
+        if entry.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(entry, target)
+        else:
+            shutil.copy2(entry, target)
+    where.config.write_text(
+        "# written by `lab site build`: the project's site configuration, built from this folder\n"
+        f"INHERIT: {json.dumps(str((root / 'mkdocs.yml').resolve()))}\n"
+        "docs_dir: docs\n"
+        "site_dir: site\n"
+    )
+
+
+def write_site_pages(store_path: str | os.PathLike, where: SiteLocation, root: str | os.PathLike) -> int:
+    """prepare_site, then write_pages into where.docs. Returns the number of hypothesis pages."""
+    prepare_site(where, root)
+    return write_pages(store_path, where.docs)

@@ -26,7 +26,7 @@ from pathlib import Path
 import regex
 import tiktoken
 
-from lab.tokenizers.char import _as_int_list
+from lab.tokenizers.char import _as_int_list, _check_utf8
 
 # GPT-2's split pattern, as tiktoken writes it (possessive quantifiers; same splits as
 # the original r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""").
@@ -69,8 +69,11 @@ class BPETokenizer:
         return h.hexdigest()
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`. A lone surrogate (not encodable as UTF-8) raises ValueError
+        with its position, where tiktoken alone would encode U+FFFD in its place."""
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        _check_utf8(text, "BPETokenizer.encode")
         # encode_ordinary: special-token-looking text is just text (there are none anyway).
         return self.encoding.encode_ordinary(text)
 
@@ -122,6 +125,7 @@ def train_bpe(text: str, vocab_size: int, *, pattern: str = GPT2_PATTERN) -> BPE
     """
     if not isinstance(text, str) or not text:
         raise ValueError(f"train_bpe needs a non-empty str to train on, got {text!r:.60}")
+    _check_utf8(text, "train_bpe")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256:
         raise ValueError(f"vocab_size must be an int >= 256 (the single bytes), got {vocab_size!r}")
     try:
@@ -131,7 +135,7 @@ def train_bpe(text: str, vocab_size: int, *, pattern: str = GPT2_PATTERN) -> BPE
 
     # Each distinct chunk is trained once, weighted by how often it occurs.
     chunk_counts = Counter(splitter.findall(text))
-    words = [list(chunk.encode("utf-8", "replace")) for chunk in chunk_counts]
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
     freqs = list(chunk_counts.values())
 
     vocab: list[bytes] = [bytes([i]) for i in range(256)]
@@ -207,6 +211,7 @@ def train_bpe_cached(text: str, vocab_size: int, *, pattern: str = GPT2_PATTERN)
 
     if not isinstance(text, str) or not text:
         raise ValueError(f"train_bpe needs a non-empty str to train on, got {text!r:.60}")
+    _check_utf8(text, "train_bpe")
     text_fp = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     pat_fp = hashlib.sha256(pattern.encode("utf-8")).hexdigest()[:8]
     path = cache_dir("tokenizers") / f"bpe-{text_fp}-{vocab_size}-{pat_fp}.tiktoken"

@@ -97,3 +97,16 @@ def _as_int_list(ids, vocab_size: int) -> list[int]:
         if not 0 <= i < vocab_size:
             raise ValueError(f"token id {i} at position {pos} is out of range for vocab_size={vocab_size}")
     return out
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """ValueError naming the first lone surrogate (U+D800..U+DFFF, which UTF-8 cannot
+    encode) and its position: a byte-level tokenizer would otherwise see U+FFFD instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what}: character {text[e.start]!r} (U+{ord(text[e.start]):04X}) at position {e.start} is a lone "
+            "surrogate, which has no UTF-8 encoding; byte-level tokenizers do not silently replace it with "
+            "U+FFFD (clean the text, e.g. text.encode('utf-8', 'replace').decode('utf-8'))"
+        ) from None

@@ -7,6 +7,8 @@ import hashlib
 import json
 from collections.abc import Sequence
 
+from lab.tokenizers.char import _check_utf8
+
 
 class HFTokenizer:
     """Wraps a transformers tokenizer: encode adds no special tokens (corpora are one
@@ -22,6 +24,9 @@ class HFTokenizer:
         self.identity = f"{self.name}:{hashlib.sha256(vocab.encode()).hexdigest()[:16]}"
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        _check_utf8(text, f"{self.name} encode")  # the Rust tokenizers raise a bare TypeError
         return list(self._tok.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tiktoken
 
-from lab.tokenizers.char import _as_int_list
+from lab.tokenizers.char import _as_int_list, _check_utf8
 
 
 class TokenizerUnavailableError(RuntimeError):
@@ -61,6 +61,8 @@ class TiktokenTokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        # tiktoken alone would encode a lone surrogate as U+FFFD without a word
+        _check_utf8(text, f"{self.name} encode")
         return self.encoding.encode_ordinary(text)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -303,9 +303,16 @@ def load_checkpoint(
     optimizer_state = rng_state = None
     if OPTIMIZER_FILE in files:
         try:
+            # weights_only: tensors, numbers, strings and containers of them; a planted
+            # pickle (a file the lab did not write) is refused without running anything
             blob = torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
         except Exception as e:  # unpickling errors come in many types
-            raise CheckpointError(f"{path / OPTIMIZER_FILE}: cannot be loaded ({e})") from e
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "weights only load failed" in str(e).lower():
+                detail = "it holds objects other than tensors and plain values, refused unread"
+            raise CheckpointError(f"{path / OPTIMIZER_FILE}: cannot be loaded ({detail})") from e
+        if not isinstance(blob, dict):
+            raise CheckpointError(f"{path / OPTIMIZER_FILE}: expected a dict of optimizer and RNG state")
         optimizer_state, rng_state = blob.get("optimizer"), blob.get("rng_state")
         if rng_state is not None:
             # RNG states must be CPU byte tensors whatever map_location says

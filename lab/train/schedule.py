@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from lab.checks import bounded_int, check_int, check_number
+
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Learning rate for the optimizer update with 0-based index `step`.
@@ -13,16 +15,11 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_rat
     then reaches lr * min_lr_ratio exactly at the last update, step == max_steps - 1,
     and stays there for any later step.
     """
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
-    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or not 0 <= warmup_steps <= max_steps:
-        raise ValueError(f"warmup_steps must be an int in [0, max_steps={max_steps}], got {warmup_steps!r}")
-    if not isinstance(min_lr_ratio, (int, float)) or not 0 <= min_lr_ratio <= 1:
-        raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {min_lr_ratio!r}")
+    check_int("step", step, 0)
+    check_number("lr", lr, 0, low_open=True)
+    check_int("max_steps", max_steps, 1)
+    bounded_int(0, max_steps, "max_steps").check("warmup_steps", warmup_steps)
+    check_number("min_lr_ratio", min_lr_ratio, 0, 1)
 
     if step < warmup_steps:
         return lr * (step + 1) / (warmup_steps + 1)

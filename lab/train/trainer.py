@@ -16,10 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from lab.checks import (
+    BOOL,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    Rule,
+    bounded_int,
+    check_fields,
+    check_int,
+    check_relations,
+    describe,
+    from_dict,
+    number,
+    one_of,
+)
 from lab.data import get_batch
 from lab.models import GPT, GPTConfig
+from lab.models.compiled import CompiledFunction
+from lab.runlog import EVENTS_DIR, DeferredInterrupt, RunLog, describe_run, sample_text, write_about
 from lab.seeding import seed_everything
 from lab.train.checkpoint import (
     CheckpointError,
@@ -32,12 +51,11 @@ from lab.train.objectives import OBJECTIVES, objective_batch
 from lab.train.schedule import lr_at
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _is_device(value) -> bool:
+    try:
+        return isinstance(value, str) and torch.device(value) is not None
+    except RuntimeError:
+        return False
 
 
 @dataclass
@@ -58,57 +76,45 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0: checkpoint only at eval points and at the end
     objective: str = "clm"  # one of lab.train.objectives.OBJECTIVES
     mask_prob: float = 0.15  # mlm: fraction of positions masked
+    # torch.compile the loss (forward and backward) and use the fused AdamW: the same
+    # computation, losses equal to the eager path's to float rounding (not bitwise); eager
+    # with a warning where the compiler is unavailable
+    compile: bool = False
 
     def __post_init__(self):
-        def fail(name, expected):
-            raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
-
-        for name in ("max_steps", "batch_size", "eval_interval", "eval_batches"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                fail(name, "an int >= 1")
-        for name in ("seed", "checkpoint_interval"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                fail(name, "an int >= 0")
-        if not _is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.max_steps:
-            fail("warmup_steps", f"an int in [0, max_steps={self.max_steps}]")
-        if not _is_number(self.lr) or self.lr <= 0:
-            fail("lr", "a finite number > 0")
-        if not _is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
-            fail("min_lr_ratio", "a number in [0, 1]")
-        for name in ("weight_decay", "grad_clip"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                fail(name, "a finite number >= 0")
-        for name in ("beta1", "beta2"):
-            if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
-                fail(name, "a number in [0, 1)")
-        if self.objective not in OBJECTIVES:
-            fail("objective", f"one of {OBJECTIVES}")
-        if not _is_number(self.mask_prob) or not 0 < self.mask_prob < 1:
-            fail("mask_prob", "a number in (0, 1)")
-        if not isinstance(self.device, str):
-            fail("device", "a device string such as 'cpu' or 'cuda'")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            fail("device", "a device string such as 'cpu' or 'cuda'")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            fail("device", "'cpu' here: CUDA is not available")
+        check_fields(
+            self,
+            {
+                "max_steps": POSITIVE_INT,
+                "batch_size": POSITIVE_INT,
+                "eval_interval": POSITIVE_INT,
+                "eval_batches": POSITIVE_INT,
+                "seed": NON_NEGATIVE_INT,
+                "checkpoint_interval": NON_NEGATIVE_INT,
+                "warmup_steps": bounded_int(0, self.max_steps, "max_steps"),
+                "lr": POSITIVE,
+                "min_lr_ratio": FRACTION,
+                "weight_decay": NON_NEGATIVE,
+                "grad_clip": NON_NEGATIVE,
+                "beta1": number(0, 1, high_open=True),
+                "beta2": number(0, 1, high_open=True),
+                "objective": one_of(OBJECTIVES),
+                "mask_prob": PROBABILITY,
+                "compile": BOOL,
+                "device": Rule("a device string such as 'cpu' or 'cuda'", _is_device),
+            },
+        )
+        cuda = torch.device(self.device).type == "cuda"
+        check_relations(
+            self, [(not cuda or torch.cuda.is_available(), "device", "'cpu' here: CUDA is not available", self.device)]
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"TrainConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown TrainConfig key(s) {unknown}; expected a subset of {known}")
-        try:
-            return cls(**d)
-        except TypeError as e:  # missing required keys
-            raise ValueError(f"TrainConfig.from_dict: {e}") from e
+        return from_dict(cls, d)
 
 
 # Changing any of these mid-run changes the trajectory, so resume refuses it;
@@ -126,6 +132,7 @@ _TRAJECTORY_FIELDS = (
     "seed",
     "objective",
     "mask_prob",
+    "compile",
 )
 
 
@@ -195,8 +202,7 @@ class TrainResult:
 
 def _check_token_array(array, name: str, block_size: int, vocab_size: int | None = None) -> None:
     if not isinstance(array, np.ndarray) or array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        got = f"{array.dtype} array of shape {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
-        raise ValueError(f"{name} must be a 1-D integer numpy array of token ids, got {got}")
+        raise ValueError(f"{name} must be a 1-D integer numpy array of token ids, got {describe(array)}")
     if len(array) <= block_size:
         raise ValueError(f"{name} has {len(array)} tokens; need more than block_size={block_size}")
     if vocab_size is not None and (array.min() < 0 or array.max() >= vocab_size):
@@ -267,10 +273,8 @@ def _batch_losses(
     if not isinstance(model, GPT):
         raise ValueError(f"model must be a lab.models.GPT, got {type(model).__name__}")
     for name, value in (("block_size", block_size), ("batch_size", batch_size), ("n_batches", n_batches)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not _is_int(generator_seed) or generator_seed < 0:
-        raise ValueError(f"generator_seed must be a non-negative int, got {generator_seed!r}")
+        check_int(name, value, 1)
+    check_int("generator_seed", generator_seed, 0)
     _check_token_array(array, "array", block_size)
     generator = torch.Generator().manual_seed(generator_seed)
     was_training = model.training
@@ -305,9 +309,29 @@ def _make_optimizer(model: GPT, tc: TrainConfig, device: torch.device) -> torch.
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    # fused: one kernel for all parameters (CUDA, and CPU when compiling). Otherwise the
+    # multi-tensor (foreach) update, which on CPU gives bitwise the per-parameter loop's
+    # numbers that torch would otherwise run there
+    fused = device.type == "cuda" or tc.compile
     return torch.optim.AdamW(
-        groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True if device.type == "cuda" else None
+        groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True if fused else None, foreach=None if fused else True
     )
+
+
+def _batch_loss(model: GPT, x, y, prefix_len):
+    """The training loss of a batch: the model's forward without its per-batch input checks
+    (train() checks the token arrays once, before the first step)."""
+    return model._logits_and_loss(x, y, None, prefix_len)[1]
+
+
+def make_loss_fn(model: GPT, train_config: TrainConfig):
+    """loss_fn(x, y, prefix_len) -> loss of `model` on a batch, as train() computes it:
+    under torch.compile when train_config.compile (eager, with a RuntimeWarning, where the
+    compiler is unavailable), else the eager forward, unchecked (check the data first)."""
+    if not train_config.compile:
+        return lambda x, y, prefix_len=None: _batch_loss(model, x, y, prefix_len)
+    compiled = CompiledFunction(_batch_loss, what="TrainConfig.compile")
+    return lambda x, y, prefix_len=None: compiled(model, x, y, prefix_len)
 
 
 def _load_resumable(path: Path, mc: GPTConfig, tc: TrainConfig, data_identity: str, device):
@@ -348,6 +372,7 @@ def train_step(
     evals=None,
     prefix_len=None,
     stats: dict | None = None,
+    loss_fn=None,
 ):
     """One optimizer step on batch (x, y); returns (loss, pre-clip grad norm).
 
@@ -356,22 +381,30 @@ def train_step(
     "block_grad_norms" (pre-clip gradient norm of each block) and, for MoE models,
     "aux_loss" and "expert_load" (per layer, the fraction of tokens each expert got).
 
+    loss_fn(x, y, prefix_len) computes the loss (make_loss_fn: what train() uses); by
+    default the model's checked forward. The loss, gradient norm and any block norms are
+    read from the device once, together, before the update.
+
     Raises TrainingDivergedError before updating the weights when the loss or gradient
     norm is not finite, so the model stays usable. Shared by train() and the benchmarks.
     """
-    _, loss = model(x, y, prefix_len=prefix_len)
+    loss = model(x, y, prefix_len=prefix_len)[1] if loss_fn is None else loss_fn(x, y, prefix_len)
     aux = model.aux_loss()
     optimizer.zero_grad(set_to_none=True)
     (loss if aux is None else loss + aux).backward()
+    blocks = None
     if stats is not None:
-        stats["block_grad_norms"] = _block_grad_norms(model)
+        blocks = _block_grad_norms(model)
         if model.config.n_expert is not None:
             stats["expert_load"] = model.expert_load()
             if aux is not None:
                 stats["aux_loss"] = aux.item()
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    loss_value = loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    values = torch.stack([loss.detach().float(), grad_norm.float(), *([] if blocks is None else blocks)]).tolist()
+    loss_value, grad_norm = values[0], values[1]
+    if blocks is not None:
+        stats["block_grad_norms"] = values[2:]
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         raise TrainingDivergedError(
             f"training diverged at step {step}: loss {loss_value}, grad norm {grad_norm}",
@@ -383,12 +416,16 @@ def train_step(
     return loss_value, grad_norm
 
 
-def _block_grad_norms(model: GPT) -> list[float]:
+def _block_grad_norms(model: GPT) -> list[torch.Tensor]:
     norms = []
     for block in model.blocks:
         grads = [p.grad for p in block.parameters() if p.grad is not None]
-        norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(()))
-    return torch.stack(norms).tolist()
+        norms.append(
+            torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
+            if grads
+            else torch.zeros((), device=next(block.parameters()).device)
+        )
+    return norms
 
 
 def make_optimizer(model: GPT, train_config: TrainConfig) -> torch.optim.AdamW:
@@ -429,6 +466,39 @@ def train(
     Raises TrainingDivergedError (a FloatingPointError with .step, .history and
     .evals) when the loss or gradient norm is not finite.
     """
+    _check_train_args(model_config, train_config, data, out_dir, resume, callback, stop_after, init_from)
+    tc = train_config
+    run = _Run(model_config, tc, data, Path(out_dir) if out_dir is not None else None, callback)
+    run.start(resume, init_from)
+    run.open_log(progress)
+    ok = False
+    try:
+        with DeferredInterrupt() as interrupt:
+            if run.step == 0:
+                run.evaluate()
+            run.model.train()
+            while run.step < tc.max_steps:
+                record = run.train_one_step()
+                run.log_step(record)
+                stop = bool(callback("step", record)) if callback is not None else False
+                if run.step % tc.eval_interval == 0 or run.step == tc.max_steps or stop:
+                    run.evaluate()
+                    run.model.train()
+                    run.checkpoint("last")
+                elif tc.checkpoint_interval and run.step % tc.checkpoint_interval == 0:
+                    run.checkpoint("last")
+                if stop or (stop_after is not None and run.step >= stop_after):
+                    break
+                if interrupt.requested and run.step < tc.max_steps:  # Ctrl-C: a checkpoint to resume from
+                    run.checkpoint("last")
+                    raise KeyboardInterrupt(f"training interrupted after step {run.step}{run.resume_hint()}")
+        ok = True
+    finally:
+        run.log.close(ok)
+    return run.result()
+
+
+def _check_train_args(model_config, train_config, data, out_dir, resume, callback, stop_after, init_from) -> None:
     if init_from is not None and (not isinstance(init_from, GPT) or init_from.config != model_config):
         got = init_from.config if isinstance(init_from, GPT) else type(init_from).__name__
         raise ValueError(f"init_from must be a GPT with config {model_config}, got {got}")
@@ -452,178 +522,193 @@ def train(
             )
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the run directory holding last/)")
-    if stop_after is not None and (not _is_int(stop_after) or not 1 <= stop_after <= train_config.max_steps):
-        raise ValueError(
-            f"stop_after must be None or an int in [1, max_steps={train_config.max_steps}], got {stop_after!r}"
-        )
+    if stop_after is not None:
+        bounded_int(1, train_config.max_steps, "max_steps").check("stop_after", stop_after)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
 
-    tc, mc = train_config, model_config
-    out_dir = Path(out_dir) if out_dir is not None else None
-    device = torch.device(tc.device)
-    block_size = mc.block_size
-    tokens_per_step = tc.batch_size * block_size
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _peak_rss_bytes()
 
-    batch_gen = seed_everything(tc.seed)  # model init draws from the global RNG; batches from this one
-    history: list[dict] = []
-    evals: list[dict] = []
-    best_val = math.inf
-    start_step = 0
-    train_time = wall_before = 0.0  # carried over from before a resume
-    train_tokens = 0
-    if resume:
-        ckpt, state = _load_resumable(out_dir / "last", mc, tc, data.identity, device)
-        model = ckpt.model
-        optimizer = _make_optimizer(model, tc, device)
-        optimizer.load_state_dict(ckpt.optimizer_state)
-        restore_rng_state(ckpt.rng_state, batch_gen)
-        history, evals = state["history"], state["evals"]
-        best_val, start_step = state["best_val_loss"], ckpt.step
-        train_time, wall_before = state["train_time_s"], state["wall_time_s"]
-        train_tokens = state["train_tokens"]
-    else:
-        model = GPT(mc).to(device)
-        if init_from is not None:
-            model.load_state_dict(init_from.state_dict())
-        optimizer = _make_optimizer(model, tc, device)
+class _Run:
+    """The state of one training run: the model, optimizer and batch generator, what was
+    recorded so far, and the clocks; a checkpoint saves all of it and resume restores it."""
 
-    t_start = time.perf_counter()
+    def __init__(self, mc: GPTConfig, tc: TrainConfig, data, out_dir: Path | None, callback):
+        self.mc, self.tc, self.data, self.out_dir, self.callback = mc, tc, data, out_dir, callback
+        self.device = torch.device(tc.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_before = _peak_rss_bytes()
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.best_val = math.inf
+        self.step = 0
+        self.train_time = self.wall_before = 0.0  # carried over from before a resume
+        self.train_tokens = 0
+        self.log: RunLog | None = None
 
-    def wall() -> float:
-        return wall_before + time.perf_counter() - t_start
+    def start(self, resume: bool, init_from: GPT | None) -> None:
+        """Seed, then build the model and optimizer, fresh or from `out_dir/last`."""
+        self.batch_gen = seed_everything(self.tc.seed)  # model init draws from the global RNG; batches from this
+        if resume:
+            ckpt, state = _load_resumable(self.out_dir / "last", self.mc, self.tc, self.data.identity, self.device)
+            self.model = ckpt.model
+            self.optimizer = _make_optimizer(self.model, self.tc, self.device)
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+            self.loss_fn = make_loss_fn(self.model, self.tc)
+            restore_rng_state(ckpt.rng_state, self.batch_gen)
+            self.history, self.evals = state["history"], state["evals"]
+            self.best_val, self.step = state["best_val_loss"], ckpt.step
+            self.train_time, self.wall_before = state["train_time_s"], state["wall_time_s"]
+            self.train_tokens = state["train_tokens"]
+        else:
+            self.model = GPT(self.mc).to(self.device)
+            if init_from is not None:
+                self.model.load_state_dict(init_from.state_dict())
+            self.optimizer = _make_optimizer(self.model, self.tc, self.device)
+            self.loss_fn = make_loss_fn(self.model, self.tc)
+        self.t_start = time.perf_counter()
 
-    def run_eval(step: int) -> dict:
+    def open_log(self, progress: bool) -> None:
+        """The progress display and, with out_dir, TensorBoard events in out_dir/tb and
+        out_dir/about.json (lab.runlog): nothing that training reads back."""
+        desc = describe_run(self.mc, self.tc, self.data)
+        events = None
+        if self.out_dir is not None:
+            events = self.out_dir / EVENTS_DIR
+            if self.step == 0 or not (self.out_dir / "about.json").exists():
+                write_about(self.out_dir, desc=desc, model_config=self.mc, train_config=self.tc, data=self.data)
+        self.log = RunLog(events, desc=desc, total=self.tc.max_steps, initial=self.step, progress=progress)
+
+    def log_step(self, record: dict) -> None:
+        self.log.step(
+            record["step"],
+            loss=record["train_loss"],
+            lr=record["lr"],
+            grad_norm=record["grad_norm"],
+            tokens_per_s=self.tokens_per_s,
+        )
+
+    def resume_hint(self) -> str:
+        return f"; {self.out_dir / 'last'} holds it: train again with resume=True to continue" if self.out_dir else ""
+
+    def train_one_step(self) -> dict:
+        """One optimizer step on the next batch; returns (and keeps) its history record."""
+        tc, t0 = self.tc, time.perf_counter()
+        lr = lr_at(
+            self.step, lr=tc.lr, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(self.data.train, self.mc.block_size, tc.batch_size, self.batch_gen, self.device)
+        mask_id = self.mc.vocab_size - 1
+        x, y, prefix = objective_batch(
+            tc.objective, x, y, generator=self.batch_gen, mask_prob=tc.mask_prob, mask_id=mask_id
+        )
+        self.step += 1
+        stats = {}
+        loss, grad_norm = train_step(
+            self.model,
+            self.optimizer,
+            x,
+            y,
+            grad_clip=tc.grad_clip,
+            step=self.step,
+            history=self.history,
+            evals=self.evals,
+            prefix_len=prefix,
+            stats=stats,
+            loss_fn=self.loss_fn,
+        )
+        self.train_time += time.perf_counter() - t0  # loss.item() synchronised any device
+        self.train_tokens += tc.batch_size * self.mc.block_size
+        record = {"step": self.step, "lr": lr, "train_loss": loss, "grad_norm": grad_norm, **stats}
+        self.history.append(record)
+        return record
+
+    def evaluate(self) -> None:
+        """Train and val loss on fixed batches; a better val loss is checkpointed as `best`."""
+        tc = self.tc
         kwargs = dict(
-            block_size=block_size,
+            block_size=self.mc.block_size,
             batch_size=tc.batch_size,
             n_batches=tc.eval_batches,
-            device=device,
+            device=self.device,
             objective=tc.objective,
             mask_prob=tc.mask_prob,
         )
         record = {
-            "step": step,
-            "train_loss": evaluate(model, data.train, **kwargs),
-            "val_loss": evaluate(model, data.val, **kwargs),
-            "elapsed_s": wall(),
-            "tokens_per_s": train_tokens / train_time if train_time > 0 else 0.0,
+            "step": self.step,
+            "train_loss": evaluate(self.model, self.data.train, **kwargs),
+            "val_loss": evaluate(self.model, self.data.val, **kwargs),
+            "elapsed_s": self.wall(),
+            "tokens_per_s": self.tokens_per_s,
         }
-        evals.append(record)
-        if callback is not None:
-            callback("eval", record)
-        return record
+        self.evals.append(record)
+        if self.callback is not None:
+            self.callback("eval", record)
+        if self.log is not None:
+            self.log.eval(self.step, val_loss=record["val_loss"], train_loss=record["train_loss"])
+            if self.log.writes_events and tc.objective == "clm":
+                self.log.text("sample", sample_text(self.model, self.data), self.step)
+        if record["val_loss"] < self.best_val:
+            self.best_val = record["val_loss"]
+            self.checkpoint("best")
 
-    def train_state() -> dict:
-        return {
-            "history": history,
-            "evals": evals,
-            "best_val_loss": best_val,
-            "train_time_s": train_time,
-            "wall_time_s": wall(),
-            "train_tokens": train_tokens,
-            "peak_memory_bytes": peak_memory(),
-            "data_identity": data.identity,
-        }
-
-    def peak_memory() -> int:
-        if device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(device))
-        return max(0, _peak_rss_bytes() - rss_before)
-
-    def checkpoint(name: str, step: int, *, with_optimizer: bool) -> None:
+    def checkpoint(self, name: str) -> None:
+        """Write `out_dir/name` (nothing without out_dir); `last` also keeps the optimizer and RNGs."""
+        if self.out_dir is None:
+            return
+        resumable = name == "last"
         save_checkpoint(
-            out_dir / name,
-            model=model,
-            optimizer=optimizer if with_optimizer else None,
-            step=step,
-            model_config=mc,
-            train_config=tc,
-            rng_state=capture_rng_state(batch_gen) if with_optimizer else None,
-            extra={"train_state": train_state()},
+            self.out_dir / name,
+            model=self.model,
+            optimizer=self.optimizer if resumable else None,
+            step=self.step,
+            model_config=self.mc,
+            train_config=self.tc,
+            rng_state=capture_rng_state(self.batch_gen) if resumable else None,
+            extra={"train_state": self.state()},
         )
 
-    def note_val(step: int, val: float) -> None:
-        nonlocal best_val
-        if val < best_val:
-            best_val = val
-            if out_dir is not None:
-                checkpoint("best", step, with_optimizer=False)
+    def state(self) -> dict:
+        return {
+            "history": self.history,
+            "evals": self.evals,
+            "best_val_loss": self.best_val,
+            "train_time_s": self.train_time,
+            "wall_time_s": self.wall(),
+            "train_tokens": self.train_tokens,
+            "peak_memory_bytes": self.peak_memory(),
+            "data_identity": self.data.identity,
+        }
 
-    if start_step == 0:
-        note_val(0, run_eval(0)["val_loss"])
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
 
-    model.train()
-    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not progress, desc="train", dynamic_ncols=True)
-    step = start_step
-    try:
-        while step < tc.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(
-                step,
-                lr=tc.lr,
-                warmup_steps=tc.warmup_steps,
-                max_steps=tc.max_steps,
-                min_lr_ratio=tc.min_lr_ratio,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = get_batch(data.train, block_size, tc.batch_size, batch_gen, device)
-            x, y, prefix = objective_batch(
-                tc.objective, x, y, generator=batch_gen, mask_prob=tc.mask_prob, mask_id=mc.vocab_size - 1
-            )
-            step += 1
-            stats = {}
-            loss_value, grad_norm = train_step(
-                model,
-                optimizer,
-                x,
-                y,
-                grad_clip=tc.grad_clip,
-                step=step,
-                history=history,
-                evals=evals,
-                prefix_len=prefix,
-                stats=stats,
-            )
-            train_time += time.perf_counter() - t0  # loss.item() synchronised any device
-            train_tokens += tokens_per_step
+    @property
+    def tokens_per_s(self) -> float:
+        return self.train_tokens / self.train_time if self.train_time > 0 else 0.0
 
-            record = {"step": step, "lr": lr, "train_loss": loss_value, "grad_norm": grad_norm, **stats}
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{train_tokens / train_time:,.0f}", refresh=False)
-            stop = bool(callback("step", record)) if callback is not None else False
+    def peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return max(0, _peak_rss_bytes() - self.rss_before)
 
-            is_eval = step % tc.eval_interval == 0 or step == tc.max_steps or stop
-            if is_eval:
-                note_val(step, run_eval(step)["val_loss"])
-                model.train()
-            is_checkpoint = is_eval or (tc.checkpoint_interval and step % tc.checkpoint_interval == 0)
-            if out_dir is not None and is_checkpoint:
-                checkpoint("last", step, with_optimizer=True)
-            if stop or (stop_after is not None and step >= stop_after):
-                break
-    finally:
-        bar.close()
-
-    model.eval()
-    last_eval = evals[-1]
-    return TrainResult(
-        model=model,
-        model_config=mc,
-        train_config=tc,
-        history=history,
-        evals=evals,
-        final_val_loss=last_eval["val_loss"],
-        best_val_loss=best_val,
-        final_train_loss=last_eval["train_loss"],
-        steps=step,
-        wall_time_s=wall(),
-        tokens_per_s=train_tokens / train_time if train_time > 0 else 0.0,
-        peak_memory_bytes=peak_memory(),
-        data_identity=data.identity,
-    )
+    def result(self) -> TrainResult:
+        self.model.eval()
+        last_eval = self.evals[-1]
+        return TrainResult(
+            model=self.model,
+            model_config=self.mc,
+            train_config=self.tc,
+            history=self.history,
+            evals=self.evals,
+            final_val_loss=last_eval["val_loss"],
+            best_val_loss=self.best_val,
+            final_train_loss=last_eval["train_loss"],
+            steps=self.step,
+            wall_time_s=self.wall(),
+            tokens_per_s=self.tokens_per_s,
+            peak_memory_bytes=self.peak_memory(),
+            data_identity=self.data.identity,
+        )

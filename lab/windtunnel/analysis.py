@@ -128,6 +128,46 @@ def key_orthogonality(model: TunnelTransformer, token_ids: torch.Tensor, layer: 
     return key_cosines(model, token_ids, layer).mean().item()
 
 
+@torch.no_grad()
+def context_keys(model: TunnelTransformer, tokens: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """(layers, heads, len(token_ids), d_head): every layer's keys at the positions holding
+    each of `token_ids`, averaged over all its occurrences in `tokens` (the key a token
+    presents in context, position and context averaged out). A token that never occurs
+    raises."""
+    n_layer = _check(model)
+    with capture(model.gpt, "blocks.*.attn.hook_k") as cache:
+        _one_pass(model, tokens)
+    flat = tokens.reshape(-1)
+    out = []
+    for i in range(n_layer):
+        k = cache[f"blocks.{i}.attn.hook_k"].double()  # (n, T, heads, d_head)
+        k = k.reshape(-1, k.size(2), k.size(3))
+        means = []
+        for t in token_ids.tolist():
+            rows = flat == t
+            if not rows.any():
+                raise ValueError(f"token {t} never occurs in the sequences given")
+            means.append(k[rows].mean(0))
+        out.append(torch.stack(means, dim=1))  # (heads, tokens, d_head)
+    return torch.stack(out).float()
+
+
+def mean_abs_cosine(vectors: torch.Tensor) -> torch.Tensor:
+    """(..., n, d) -> (...): mean |cosine| over the n(n-1)/2 pairs of distinct rows."""
+    v = F.normalize(vectors.double(), dim=-1)
+    cos = (v @ v.transpose(-1, -2)).abs()
+    n = v.size(-2)
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    return cos[..., upper].mean(-1)
+
+
+def key_geometry(model: TunnelTransformer, tokens: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """(layers, heads) mean |cosine| between the in-context keys (context_keys) of distinct
+    tokens among `token_ids`: near 0 for an orthogonal key basis; compare with
+    random_cosine_baseline(d_head)."""
+    return mean_abs_cosine(context_keys(model, tokens, token_ids)).float()
+
+
 def random_cosine_baseline(dim: int) -> float:
     """E|cos| between two random directions in `dim` dimensions (about sqrt(2 / (pi dim)))."""
     return math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)
@@ -165,19 +205,58 @@ def spearman(a, b) -> float:
 
 
 def manifold(model: TunnelTransformer, batch: Batch, point: str | None = None) -> dict:
-    """PCA of the stream at the scored positions (default: after the last block) against the
-    Bayes entropy: PC1's variance share, |Spearman rho(PC1, H)|, and the same rho within
-    each position (entropy that is a function of position alone would give no within-
-    position signal), averaged over positions where H varies."""
+    """PCA of the residual stream at the scored positions (default: after the last block,
+    centred, not standardised) against the Bayes entropy; the same numbers as
+    value_manifold."""
     n_layer = _check(model)
     point = point or f"blocks.{n_layer - 1}.hook_resid_post"
     x = streams_at_positions(model, batch.tokens, [point])[point]
+    return _pc1_against_entropy(x, batch, len(model.positions))
+
+
+@torch.no_grad()
+def attention_values(model: TunnelTransformer, tokens: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """(n * P, heads * d_head) what attention reads at the scored positions of layer `layer`
+    (default: the last): each head's attention-weighted sum of value vectors, heads
+    concatenated, before the output projection."""
+    n_layer = _check(model)
+    layer = n_layer - 1 if layer is None else layer
+    if not 0 <= layer < n_layer:
+        raise ValueError(f"layer must lie in [0, {n_layer}), got {layer}")
+    names = [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
+    with capture(model.gpt, names) as cache:
+        _one_pass(model, tokens)
+    pattern = cache[names[0]][:, :, model.positions].double()  # (n, H, P, T)
+    v = cache[names[1]].double()  # (n, T, kv_heads, d_head)
+    heads = pattern.size(1)
+    v = v.repeat_interleave(heads // v.size(2), dim=2)
+    z = torch.einsum("nhpt,nthd->nphd", pattern, v)  # (n, P, H, d_head)
+    return z.reshape(-1, z.size(2) * z.size(3)).float()
+
+
+def standardised(x: torch.Tensor) -> torch.Tensor:
+    """Each column to mean 0 and standard deviation 1 (scikit-learn's StandardScaler, as the
+    authors' analysis); a constant column stays 0."""
+    x = x.double()
+    sd = x.std(0, unbiased=False)
+    return ((x - x.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))).float()
+
+
+def value_manifold(model: TunnelTransformer, batch: Batch, layer: int | None = None) -> dict:
+    """The value manifold as the authors measure it: the attention values (attention_values)
+    at the scored positions, standardised per feature, then PCA. PC1's share of the
+    variance, |Spearman rho| of PC1 with the Bayes entropy, and the same rho within each
+    position (where the entropy varies there), averaged."""
+    x = standardised(attention_values(model, batch.tokens, layer))
+    return _pc1_against_entropy(x, batch, len(model.positions))
+
+
+def _pc1_against_entropy(x: torch.Tensor, batch: Batch, n_positions: int) -> dict:
     h = batch.entropy.reshape(-1).numpy()
     fit = pca(x)
     pc = fit.project(x, 2).numpy()
-    P = len(model.positions)
-    pos = np.tile(np.arange(P), batch.tokens.size(0))
-    within = [abs(spearman(pc[pos == p, 0], h[pos == p])) for p in range(P) if np.std(h[pos == p]) > 0]
+    pos = np.tile(np.arange(n_positions), batch.tokens.size(0))
+    within = [abs(spearman(pc[pos == p, 0], h[pos == p])) for p in range(n_positions) if np.std(h[pos == p]) > 1e-9]
     return {
         "pc1_share": fit.explained[0].item(),
         "rho": abs(spearman(pc[:, 0], h)),
@@ -215,6 +294,12 @@ __all__ = [
     "ablation_mae",
     "attention_drift",
     "attention_entropy_by_layer",
+    "attention_values",
+    "context_keys",
+    "key_geometry",
+    "mean_abs_cosine",
+    "standardised",
+    "value_manifold",
     "entropy_probe",
     "frame_step",
     "key_cosines",

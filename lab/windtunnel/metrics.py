@@ -64,3 +64,27 @@ def calibration(logq: torch.Tensor, batch: Batch) -> Calibration:
         tv=tv.mean().item(),
         per_position=per,
     )
+
+
+def context_blind_floor(batch: Batch) -> float:
+    """Entropy MAE (bits) of the best predictor that ignores the context: at each scored
+    position the posterior averaged over the batch's sequences. A model must beat it to
+    have used the context at all (bijection without replacement: the uniform floor)."""
+    marginal = batch.posterior.double().mean(0, keepdim=True).expand_as(batch.posterior)
+    return (entropy_bits(marginal) - entropy_bits(batch.posterior)).abs().mean().item()
+
+
+def bayes_loss_nats(batch: Batch) -> float:
+    """Expected cross-entropy (nats) of the exact posterior on this batch: the lowest training
+    loss a model can reach in expectation (the mean posterior entropy, in nats)."""
+    return batch.entropy.double().mean().item() * float(np.log(2))
+
+
+def context_blind_kl_floor(batch: Batch) -> float:
+    """The lowest mean KL(Bayes || model) in bits that a predictor ignoring the context can
+    reach on this batch: KL to the per-position average posterior (which minimises it),
+    i.e. how much the context tells about the answer. Unlike the entropy MAE, no
+    context-blind predictor can beat it (a context-blind model can match an entropy
+    without knowing which answers are possible)."""
+    marginal = batch.posterior.double().mean(0, keepdim=True).expand_as(batch.posterior)
+    return kl_bits(batch.posterior, marginal.clamp_min(1e-300).log()).mean().item()

@@ -4,11 +4,14 @@ task's answer classes at its scored positions, (n, P, C):
 - TunnelTransformer: the lab's GPT (learned positions, RMSNorm, GELU, tied embeddings,
   as the authors' model). Bijection: its next-token logits at key positions, read on
   the value tokens; HMM: a linear posterior head on the final hidden state.
-- PrefixMLP: the capacity-matched baseline without attention. For each scored position
-  it sees the whole prefix (the embeddings of positions 0..p concatenated, later ones
-  zeroed) through a residual MLP, so it has the same information as the transformer.
-- PositionMLP: a context-blind control (the token at p and its position only); on the
-  bijection it can do no better than uniform over all values.
+- PrefixMLP: the information-matched baseline without attention. For each scored
+  position it sees the whole prefix (the embeddings of positions 0..p concatenated, later
+  ones zeroed) through a residual MLP, so it has the same information as the transformer.
+- PaperMLP: the baseline shaped like the paper's (a deep stack of width x width residual
+  layers, parameters within 1% of the transformer's), given the context the way the
+  authors' released MLP control is: each scored position sees its own token and its
+  position, nothing else. It is context-blind, so on the bijection it can do no better
+  than uniform over all values.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class TunnelTransformer(nn.Module):
         return self.gpt.lm_head(h)[..., V : 2 * V]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.gpt._hidden(tokens, None)  # final-normed hidden states, with gradients
+        h = self.gpt.hidden_states(tokens)  # final-normed hidden states, with gradients
         return self.class_logits_from_hidden(h[:, self.positions]).log_softmax(-1)
 
     def loss(self, batch) -> torch.Tensor:
@@ -111,22 +114,40 @@ class PrefixMLP(nn.Module):
         return soft_cross_entropy(self(batch.tokens), _answer_targets(self.task, batch))
 
 
-class PositionMLP(nn.Module):
+class PaperMLP(nn.Module):
     def __init__(self, task, *, width: int, depth: int):
         super().__init__()
         self.task = task
         self.wte = nn.Embedding(task.vocab_size, width)
         self.wpe = nn.Embedding(task.seq_len, width)
-        self.body = _ResidualMLP(width, 4 * width, depth)
-        self.out = nn.Linear(width, task.n_classes)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU()) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        # bijection: tied embeddings read out over the whole vocabulary, as the transformer
+        self.head = nn.Linear(width, task.n_classes) if isinstance(task, HMMTask) else None
         self.register_buffer("positions", task.positions.clone(), persistent=False)
 
-    def forward(self, tokens):
+    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.wte(tokens[:, self.positions]) + self.wpe(self.positions)
-        return self.out(self.body(x)).log_softmax(-1)
+        for b in self.blocks:
+            x = x + b(x)
+        x = self.norm(x)
+        return self.head(x) if self.head is not None else x @ self.wte.weight.T
 
-    def loss(self, batch):
-        return soft_cross_entropy(self(batch.tokens), _answer_targets(self.task, batch))
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self._logits(tokens)
+        if self.head is None:
+            V = self.task.n_values
+            logits = logits[..., V : 2 * V]
+        return logits.log_softmax(-1)
+
+    def loss(self, batch) -> torch.Tensor:
+        if self.head is not None:
+            return soft_cross_entropy(self(batch.tokens), batch.posterior.float())
+        # the transformer's objective: next-token cross-entropy over the whole vocabulary at key positions
+        logits = self._logits(batch.tokens)
+        return F.cross_entropy(logits.flatten(0, 1), batch.targets[:, self.positions].flatten())
 
 
 def _answer_targets(task, batch) -> torch.Tensor:
@@ -173,6 +194,20 @@ def matched_prefix_mlp(task, target_params: int, *, embd: int, depth: int, toler
     )
 
 
-def matched_position_mlp(task, target_params: int, *, depth: int, tolerance: float = 0.1) -> PositionMLP:
-    width = _match_width(lambda w: PositionMLP(task, width=w, depth=depth), target_params)
-    return _matched(PositionMLP(task, width=width, depth=depth), target_params, tolerance, f"depth-{depth} PositionMLP")
+def matched_paper_mlp(
+    task, target_params: int, *, depths: tuple[int, ...] = (18, 19, 20), tolerance: float = 0.01
+) -> PaperMLP:
+    """The PaperMLP whose parameter count is closest to target_params over the given depths
+    (the paper: 18-20 residual layers) and every width; ValueError unless within `tolerance`."""
+    if not depths or any(not isinstance(d, int) or d < 1 for d in depths):
+        raise ValueError(f"depths must be positive ints, got {depths!r}")
+    best = None
+    for depth in depths:
+        width = _match_width(lambda w, d=depth: PaperMLP(task, width=w, depth=d), target_params)
+        gap = abs(n_params(PaperMLP(task, width=width, depth=depth)) - target_params)
+        if best is None or gap < best[0]:
+            best = (gap, width, depth)
+    _, width, depth = best
+    return _matched(
+        PaperMLP(task, width=width, depth=depth), target_params, tolerance, f"PaperMLP of depth {list(depths)}"
+    )

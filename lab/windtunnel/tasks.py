@@ -50,6 +50,14 @@ class Batch:
     posterior: torch.Tensor
     entropy: torch.Tensor
 
+    def to(self, device) -> Batch:
+        """The same batch on `device` (the oracle's float64 posterior included)."""
+        return Batch(*(t.to(device) for t in (self.tokens, self.positions, self.targets, self.posterior, self.entropy)))
+
+    def head(self, n: int) -> Batch:
+        """The first n sequences."""
+        return Batch(self.tokens[:n], self.positions, self.targets[:n], self.posterior[:n], self.entropy[:n])
+
 
 def entropy_bits(p: torch.Tensor) -> torch.Tensor:
     """Entropy in bits of distributions along the last axis (0 log 0 = 0)."""
@@ -118,24 +126,17 @@ class BijectionTask:
 
 def bijection_posterior(keys: torch.Tensor, values: torch.Tensor, n_values: int) -> torch.Tensor:
     """(n, L, V) exact posterior over the value of key t given pairs 0..t-1: certain if the
-    key was seen, else uniform over the values not yet revealed (a uniform prior over
-    bijections, conditioned by elimination)."""
+    key was seen (its value is the one it had then, which is values[t]), else uniform over
+    the values not yet revealed (a uniform prior over bijections, conditioned by
+    elimination). Vectorised over sequences and positions."""
     n, L = keys.shape
-    post = torch.zeros(n, L, n_values, dtype=torch.float64)
-    revealed = torch.zeros(n, n_values, dtype=torch.bool)
-    known = torch.full((n, n_values), -1, dtype=torch.long)  # key -> value, once seen
-    rows = torch.arange(n)
-    for t in range(L):
-        k = keys[:, t]
-        seen = known[rows, k]
-        free = (~revealed).double()
-        uniform = free / free.sum(-1, keepdim=True)
-        certain = torch.zeros(n, n_values, dtype=torch.float64)
-        certain[rows[seen >= 0], seen[seen >= 0]] = 1.0
-        post[:, t] = torch.where((seen >= 0).unsqueeze(1), certain, uniform)
-        known[rows, k] = values[:, t]
-        revealed[rows, values[:, t]] = True
-    return post
+    onehot = torch.nn.functional.one_hot(values, n_values).double()  # (n, L, V)
+    revealed = (onehot.cumsum(1) - onehot) > 0  # values revealed strictly before t
+    free = (~revealed).double()
+    uniform = free / free.sum(-1, keepdim=True)
+    earlier = torch.ones(L, L, dtype=torch.bool).tril(-1)  # [t, s]: s < t
+    seen = ((keys.unsqueeze(2) == keys.unsqueeze(1)) & earlier).any(-1)  # (n, L): key t appeared before
+    return torch.where(seen.unsqueeze(-1), onehot, uniform)
 
 
 def bijection_posterior_brute_force(pairs: list[tuple[int, int]], query: int, n_values: int) -> np.ndarray:
@@ -222,9 +223,9 @@ class HMMTask:
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
-        S, O, K = self.n_states, self.n_symbols, self.length
+        S, n_obs, K = self.n_states, self.n_symbols, self.length
         T = discretized_rows(rng.dirichlet(np.ones(S), size=(n, S)).reshape(n * S, S)).reshape(n, S, S)
-        E = discretized_rows(rng.dirichlet(np.ones(O), size=(n, S)).reshape(n * S, O)).reshape(n, S, O)
+        E = discretized_rows(rng.dirichlet(np.ones(n_obs), size=(n, S)).reshape(n * S, n_obs)).reshape(n, S, n_obs)
         _, obs = sample_hmm_batch(T / 100, E / 100, K, rng)
         posterior = forward_posterior_batch(T / 100, E / 100, obs)
         header = np.concatenate(
@@ -252,14 +253,15 @@ def discretized_rows(p: np.ndarray, floor: float = PROB_FLOOR) -> np.ndarray:
     p = np.maximum(p, floor)
     p = p / p.sum(-1, keepdims=True)
     h = np.maximum(np.round(p * 100).astype(np.int64), lo)
-    for row in h:
-        while row.sum() != 100:
-            if row.sum() > 100:
-                j = int(np.argmax(np.where(row > lo, row, -1)))
-                row[j] -= 1
-            else:
-                row[int(np.argmax(row))] += 1
-    return h
+    # one hundredth at a time, all rows at once: take it from the largest entry still above
+    # the floor of a row that sums to more than 100, give it to the largest of one below
+    while True:
+        total = h.sum(-1)
+        over, under = np.flatnonzero(total > 100), np.flatnonzero(total < 100)
+        if not over.size and not under.size:
+            return h
+        h[over, np.argmax(np.where(h[over] > lo, h[over], -1), axis=-1)] -= 1
+        h[under, np.argmax(h[under], axis=-1)] += 1
 
 
 def check_stochastic(m: np.ndarray, name: str) -> None:
@@ -275,20 +277,6 @@ def check_stochastic(m: np.ndarray, name: str) -> None:
     if bad.size:
         r = int(bad[0])
         raise ValueError(f"{name} is not row-stochastic: row {r} sums to {sums[r]:.6g}, expected 1")
-
-
-def sample_hmm(T: np.ndarray, E: np.ndarray, length: int, rng: np.random.Generator, pi0: np.ndarray | None = None):
-    """(states, observations) of one run of the HMM, each (length,)."""
-    S, O = E.shape
-    pi0 = np.full(S, 1.0 / S) if pi0 is None else pi0
-    states = np.empty(length, dtype=np.int64)
-    obs = np.empty(length, dtype=np.int64)
-    s = rng.choice(S, p=pi0)
-    for t in range(length):
-        states[t] = s
-        obs[t] = rng.choice(O, p=E[s])
-        s = rng.choice(S, p=T[s])
-    return states, obs
 
 
 def _categorical(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:

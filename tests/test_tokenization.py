@@ -1,4 +1,4 @@
-"""lab.tokenstudy: compression, word splits and embedding geometry on known inputs,
+"""lab.tokenization: compression, word splits and embedding geometry on known inputs,
 and clear errors for bad input. Fast: no training beyond a tiny BPE."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lab.tokenizers import CharTokenizer, cl100k, train_bpe
-from lab.tokenstudy import (
+from lab.tokenization import (
     bpe_tokenizers,
     by_frequency,
     chance_nearest_in_group,
@@ -31,6 +30,7 @@ from lab.tokenstudy import (
     token_pieces,
     tokens_per_word,
 )
+from lab.tokenizers import CharTokenizer, cl100k, train_bpe
 
 TEXT = "the cat sat on the mat. the cat ate the rat. " * 40
 
@@ -191,10 +191,10 @@ def test_neighbour_ties_go_to_the_smaller_id():
 @pytest.mark.parametrize(
     "k, match",
     [
-        (0, "k must be >= 1, got 0"),
-        (-1, "k must be >= 1, got -1"),
+        (0, "k must be an int >= 1, got 0"),
+        (-1, "k must be an int >= 1, got -1"),
         (6, "k=6 is more neighbours than the 5 candidates"),
-        (2.0, "k must be an int, got 2.0"),
+        (2.0, "k must be an int >= 1, got 2.0"),
     ],
 )
 def test_neighbour_k_errors(k, match):
@@ -253,7 +253,7 @@ def test_group_errors():
         pair_gap(e, [(0, 1)])
     with pytest.raises(ValueError, match="pairs must be"):
         pair_gap(e, [(0, 1), (2,)])
-    with pytest.raises(ValueError, match="among_size must be >= 5, got 3"):
+    with pytest.raises(ValueError, match="among_size must be an int >= 5, got 3"):
         chance_nearest_in_group(5, 3)
 
 

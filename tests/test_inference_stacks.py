@@ -4,8 +4,7 @@ that runs here, and stacks that cannot run saying why."""
 import pytest
 import torch
 
-from lab.models import GPT, GPTConfig
-from lab.stacks import (
+from lab.inference_stacks import (
     STACK_NAMES,
     Decoded,
     StackUnavailable,
@@ -16,6 +15,7 @@ from lab.stacks import (
     decode_tokens_per_s,
     first_token_latency,
 )
+from lab.models import GPT, GPTConfig
 
 pytest.importorskip("transformers")
 
@@ -56,12 +56,12 @@ def prompts(n=3, T=6):
 
 
 def test_registry_names_every_stack(stacks):
-    assert STACK_NAMES == ("lab", "hf-eager", "hf-static", "torch-compile", "vllm", "exllamav2")
+    assert STACK_NAMES == ("lab", "lab-compile", "hf-eager", "hf-static", "torch-compile", "vllm", "exllamav2")
     assert list(stacks) == list(STACK_NAMES)
     for name, st in stacks.items():
         assert st.name == name and st.description
         assert st.available == (st.reason is None)
-    for name in ("lab", "hf-eager", "hf-static", "torch-compile"):
+    for name in ("lab", "lab-compile", "hf-eager", "hf-static", "torch-compile"):
         assert stacks[name].available, stacks[name].reason
 
 
@@ -130,7 +130,7 @@ def test_timings_one_per_token(stacks, name):
 
 def test_decoded_needs_two_tokens_for_throughput():
     with pytest.raises(ValueError, match="at least 2"):
-        Decoded([1], [0.1]).tokens_per_s
+        _ = Decoded([1], [0.1]).tokens_per_s
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine vLLM / ExLlamaV2 may really run")
@@ -158,5 +158,12 @@ def test_a_failing_compile_makes_the_stack_unavailable_with_the_error(model, tmp
     )
     assert not st.available
     assert st.reason.startswith("torch.compile failed here") and "no_such_backend" in st.reason
+    with pytest.raises(StackUnavailable, match="no_such_backend"):
+        st.decode(prompts(1)[0], 2)
+
+
+def test_a_failing_lab_compile_makes_its_stack_unavailable_with_the_error(model):
+    st = build_stack(model, "lab-compile", max_len=32, compile_backend="no_such_backend")
+    assert not st.available and "torch.compile failed" in st.reason and "no_such_backend" in st.reason
     with pytest.raises(StackUnavailable, match="no_such_backend"):
         st.decode(prompts(1)[0], 2)

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.textstats import distinct_n, loop_start
+from lab.diversity import distinct_n, loop_start
 
 
 def test_distinct_n():

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from lab.checks import check_int, is_int, is_number
+
 # Bytes-only byte-level BPE: the smallest vocabulary the lab's BPE can have.
 MIN_BPE_VOCAB = 256
 
@@ -38,14 +40,6 @@ def _check_tokenizer(tokenizer) -> None:
         raise ValueError(f"expected a lab Tokenizer (with encode and decode), got {type(tokenizer).__name__}")
 
 
-def _check_int(name: str, value, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
-
-
 def check_vocab_sizes(vocab_sizes: Iterable[int]) -> tuple[int, ...]:
     """Validate BPE vocabulary sizes for a compression curve: ints >= 256 (the single
     bytes), strictly increasing, at least two. Returns them as a tuple."""
@@ -53,7 +47,7 @@ def check_vocab_sizes(vocab_sizes: Iterable[int]) -> tuple[int, ...]:
         raise ValueError(f"vocab_sizes must be a sequence of ints, got {vocab_sizes!r}")
     sizes = tuple(vocab_sizes)
     for v in sizes:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        if not is_int(v, numpy=True):
             raise ValueError(f"vocab sizes must be ints, got {v!r}")
         if v < MIN_BPE_VOCAB:
             raise ValueError(
@@ -98,7 +92,7 @@ def gains_per_doubling(vocab_sizes: Sequence[int], values: Sequence[float]) -> l
     if len(values) != len(sizes):
         raise ValueError(f"got {len(values)} values for {len(sizes)} vocab sizes")
     for x in values:
-        if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)) or not math.isfinite(x):
+        if not is_number(x, numpy=True):
             raise ValueError(f"values must be finite numbers, got {x!r}")
     return [
         (c1 - c0) / math.log2(v1 / v0) for (v0, c0), (v1, c1) in zip(zip(sizes, values), zip(sizes[1:], values[1:]))
@@ -223,7 +217,7 @@ def embedding_neighbours(
     if not query:
         raise ValueError("ids is empty: name at least one token to find neighbours of")
     cands = list(range(vocab)) if among is None else _ids(among, vocab, "among")
-    k = _check_int("k", k, low=1)
+    k = int(check_int("k", k, 1, numpy=True))
     cands = sorted(cands)
     cand_t = torch.tensor(cands, dtype=torch.long)
     out = {}
@@ -294,8 +288,8 @@ def nearest_in_group_fraction(embeddings, group: Iterable[int], among: Iterable[
 
 def chance_nearest_in_group(group_size: int, among_size: int) -> float:
     """(group - 1) / (among - 1): `nearest_in_group_fraction` for random neighbours."""
-    g = _check_int("group_size", group_size, low=2)
-    m = _check_int("among_size", among_size, low=g)
+    g = int(check_int("group_size", group_size, 2, numpy=True))
+    m = int(check_int("among_size", among_size, g, numpy=True))
     return (g - 1) / (m - 1)
 
 
@@ -321,7 +315,7 @@ def pair_gap(embeddings, pairs: Sequence[tuple[int, int]]) -> float:
 
 def token_counts(ids, vocab_size: int) -> np.ndarray:
     """How often each token id occurs in `ids` (length vocab_size)."""
-    vocab_size = _check_int("vocab_size", vocab_size, low=1)
+    vocab_size = int(check_int("vocab_size", vocab_size, 1, numpy=True))
     arr = np.asarray(ids.tolist() if hasattr(ids, "tolist") and not isinstance(ids, np.ndarray) else ids)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"ids must be a non-empty 1-D sequence of token ids, got shape {arr.shape}")

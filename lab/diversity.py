@@ -1,14 +1,15 @@
-"""Statistics of generated token sequences: diversity and repetition."""
+"""Diversity and repetition of generated token sequences (curriculum 05 sampling, 16 synthetic data)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lab.checks import check_int
+
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     """Distinct-n: unique n-grams / total n-grams, pooled over all sequences (Li et al. 2016)."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    check_int("n", n, 1)
     grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
     if not grams:
         raise ValueError(f"no {n}-grams: every sequence is shorter than {n} tokens")

@@ -1,4 +1,4 @@
-"""lab.posttrain: SFT, preference files, the Bradley-Terry reward model, DPO and the KL estimate."""
+"""lab.rlhf: SFT, preference files, the Bradley-Terry reward model, DPO and the KL estimate."""
 
 import itertools
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lab.models import GPT, GPTConfig
-from lab.posttrain import (
+from lab.rlhf import (
     PreferencePair,
     RewardModel,
     WordTask,
@@ -275,7 +275,7 @@ def test_sft_raises_answer_likelihood_leaves_the_base_untouched_and_is_determini
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     assert sequence_logprobs(a, TOK, prompts, answers).sum() > lp0 + 5
     assert len(history) == 30 and history[-1]["loss"] < history[0]["loss"]
-    with pytest.raises(ValueError, match="steps must be a positive int"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
         sft(base, TOK, prompts, answers, steps=0, batch_size=4, lr=1e-2, seed=0)
 
 

@@ -7,9 +7,10 @@ tokens and the latency of every new token (the first one includes the prefill):
 | name | what decodes |
 |---|---|
 | `lab` | the lab `GPT.generate(temperature=0)` with its KV cache |
+| `lab-compile` | `lab`, every token after the prefill through the compiled step of `lab.models.compiled` |
 | `hf-eager` | transformers `generate` on the exported checkpoint, dynamic cache, no compile |
 | `hf-static` | the same with `cache_implementation="static"` (compile disabled) |
-| `torch-compile` | `hf-static` with its per-token forward compiled by `torch.compile` (transformers' own compiled-decode path; the prefill stays eager) |
+| `torch-compile` | `hf-static`, its per-token forward under `torch.compile` (transformers' path; prefill eager) |
 | `vllm` | vLLM's offline `LLM.generate` on the exported checkpoint (CUDA only) |
 | `exllamav2` | ExLlamaV2 on the exported checkpoint, a plain greedy loop (CUDA only) |
 
@@ -29,17 +30,22 @@ from __future__ import annotations
 
 import importlib.util
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-STACK_NAMES = ("lab", "hf-eager", "hf-static", "torch-compile", "vllm", "exllamav2")
+from lab.checks import bounded_int, check_int, describe
+from lab.decoding import hf_greedy
+
+STACK_NAMES = ("lab", "lab-compile", "hf-eager", "hf-static", "torch-compile", "vllm", "exllamav2")
 HF_STACKS = ("hf-eager", "hf-static", "torch-compile")
 
 DESCRIPTIONS = {
     "lab": "lab GPT.generate, greedy, with the lab KV cache",
+    "lab-compile": "lab KV cache, decode step compiled with torch.compile (CompiledDecoder), prefill eager",
     "hf-eager": "transformers generate, eager attention, dynamic cache",
     "hf-static": "transformers generate, eager attention, static cache (no compile)",
     "torch-compile": "transformers generate, static cache, decode step compiled with torch.compile",
@@ -118,8 +124,7 @@ class Stack:
         if not self.available:
             raise StackUnavailable(f"stack {self.name!r} is unavailable: {self.reason}")
         prompt = _check_prompt(prompt).to(self.device)
-        if not isinstance(n_new, int) or isinstance(n_new, bool) or n_new < 1:
-            raise ValueError(f"n_new must be a positive int, got {n_new!r}")
+        check_int("n_new", n_new, 1)
         tokens, latencies = self._run(prompt, n_new)
         if len(tokens) != n_new or len(latencies) != n_new:
             raise RuntimeError(
@@ -132,12 +137,9 @@ def _check_prompt(prompt) -> torch.Tensor:
     if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
     if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.int64 or prompt.dim() != 2 or prompt.shape[0] != 1:
-        got = (
-            f"{prompt.dtype} tensor of shape {tuple(prompt.shape)}"
-            if isinstance(prompt, torch.Tensor)
-            else type(prompt).__name__
+        raise ValueError(
+            f"prompt must be an int64 tensor of shape (1, T) or (T,) (one sequence), got {describe(prompt)}"
         )
-        raise ValueError(f"prompt must be an int64 tensor of shape (1, T) or (T,) (one sequence), got {got}")
     if prompt.shape[1] < 1:
         raise ValueError("prompt must hold at least one token")
     return prompt
@@ -145,9 +147,8 @@ def _check_prompt(prompt) -> torch.Tensor:
 
 def random_prompt(length: int, vocab_size: int, *, seed: int = 0) -> torch.Tensor:
     """A (1, length) prompt of uniformly random token ids (speed does not depend on them)."""
-    for name, v in (("length", length), ("vocab_size", vocab_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    check_int("length", length, 1)
+    check_int("vocab_size", vocab_size, 1)
     return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
@@ -158,8 +159,7 @@ def first_token_latency(stack: Stack, prompt: torch.Tensor) -> float:
 
 def decode_tokens_per_s(stack: Stack, prompt: torch.Tensor, n_new: int) -> float:
     """Greedy decode throughput after the first token (prefill excluded), tokens/s."""
-    if not isinstance(n_new, int) or isinstance(n_new, bool) or n_new < 2:
-        raise ValueError(f"n_new must be an int >= 2 to measure decode throughput, got {n_new!r}")
+    check_int("n_new", n_new, 2)  # the first token includes the prefill
     return stack.decode(prompt, n_new).tokens_per_s
 
 
@@ -241,26 +241,20 @@ def _lab_runner(model):
     return run
 
 
-class _TokenClock:
-    """A `generate` streamer that keeps every new token and the time it arrived. Reading
-    the token (`tolist`) waits for the device, so GPU times are real."""
+def _lab_compile_runner(model, *, max_len: int, backend: str, mode: str | None):
+    from lab.decoding import lab_greedy
+    from lab.models.compiled import CompiledDecoder
 
-    def __init__(self):
-        self.tokens: list[int] = []
-        self.stamps: list[float] = []
-        self._prompt_seen = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a fallback is reported as the stack's reason
+        decoder = CompiledDecoder(model, max_len=max_len, backend=backend, mode=mode).warm_up()
+    if not decoder.compiled:
+        raise StackUnavailable(decoder.fallback_reason)
 
-    def put(self, value):
-        ids = value.reshape(-1).tolist()
-        now = time.perf_counter()
-        if not self._prompt_seen:  # generate first hands the streamer the prompt itself
-            self._prompt_seen = True
-            return
-        self.tokens.extend(ids)
-        self.stamps.extend([now] * len(ids))
+    def run(prompt, n_new):
+        return lab_greedy(model, prompt, n_new, use_cache=True, decoder=decoder)
 
-    def end(self):
-        pass
+    return run
 
 
 def _hf_runner(hf, *, static: bool, max_len: int, compile_config=None):
@@ -270,24 +264,14 @@ def _hf_runner(hf, *, static: bool, max_len: int, compile_config=None):
             raise ValueError(
                 f"prompt {prompt.shape[1]} + n_new {n_new} tokens exceed the static cache's max_len={max_len}"
             )
-        clock = _TokenClock()
-        kwargs = dict(
-            max_new_tokens=n_new,
-            min_new_tokens=n_new,
-            do_sample=False,
-            streamer=clock,
-            pad_token_id=0,
-            attention_mask=torch.ones_like(prompt),
-        )
+        kwargs = {}
         if static:
             kwargs.update(cache_implementation="static", max_cache_len=max_len)
         if compile_config is not None:
             kwargs["compile_config"] = compile_config
         else:
             kwargs["disable_compile"] = True  # on CUDA a static cache would otherwise auto-compile
-        t0 = time.perf_counter()
-        hf.generate(prompt, **kwargs)
-        return clock.tokens, [b - a for a, b in zip([t0, *clock.stamps[:-1]], clock.stamps)]
+        return hf_greedy(hf, prompt, n_new, **kwargs)
 
     return run
 
@@ -448,7 +432,8 @@ def build_stacks(
     the weights-hash directory under $LAB_CACHE/hf-exports, written if missing). `max_len`
     (default the model's block_size) sizes the static caches: prompt + new tokens must fit.
     `compile_backend` / `compile_mode` go to torch.compile (mode default: "reduce-overhead"
-    on CUDA, "default" elsewhere); the torch-compile stack compiles while it is built.
+    on CUDA, "default" elsewhere; the lab-compile stack picks its own mode when None); the
+    torch-compile and lab-compile stacks compile while they are built.
     A stack that cannot run is returned with `available=False` and the reason.
     """
     from lab.models import GPT
@@ -462,8 +447,7 @@ def build_stacks(
         raise ValueError(f"stack names repeat: {names}")
     block = model.config.block_size
     max_len = block if max_len is None else max_len
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or not 2 <= max_len <= block:
-        raise ValueError(f"max_len must be an int in [2, block_size={block}], got {max_len!r}")
+    bounded_int(2, block, "block_size").check("max_len", max_len)
     model.eval()
     device = str(model.lm_head.weight.device)
     stacks: dict[str, Stack] = {}
@@ -485,6 +469,8 @@ def build_stacks(
         try:
             if name == "lab":
                 run = _lab_runner(model)
+            elif name == "lab-compile":
+                run = _lab_compile_runner(model, max_len=max_len, backend=compile_backend, mode=compile_mode)
             elif name in ("hf-eager", "hf-static"):
                 if importlib.util.find_spec("transformers") is None:
                     raise StackUnavailable("transformers is not installed")
