@@ -3,7 +3,9 @@ cached on disk by the lab (keyed by config, data and code), so each is trained o
 Track A's base and fine-tuned models live here too: Track B looks inside them."""
 
 import os
+from collections.abc import Mapping
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +17,91 @@ from lab.models import export_hf
 from lab.paths import cache_dir
 from lab.session import weights_hash
 from lab.tokenizers.hf import HFTokenizer
+
+# A model "trained" when its validation loss is below the unigram entropy of its training
+# tokens (the loss of the best predictor that ignores context) by more than this: a model
+# that learned only token frequencies lands within a few thousandths of that entropy.
+TRAINED_MARGIN = 0.05  # nats per token
+
+
+def unigram_nats(tokens) -> float:
+    """Entropy of the token frequencies in `tokens`, in nats per token: for characters,
+    lab.data.unigram_entropy of the text they spell."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64).ravel())
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.fixture
+def require_trained(request, outcome):
+    """require_trained(losses, what, data=char_data): one validity check that every model
+    named in `losses` ({label: final val loss, a TrainResult, the TrainingDivergedError of a
+    run that diverged, or a nested {seed: ...} mapping}) trained, i.e. its loss is below
+    the unigram entropy of `data`'s training tokens minus TRAINED_MARGIN. If one did not,
+    the hypothesis' verdict is *invalid*: its claim is about trained models."""
+
+    def check(losses, what: str, data: TokenData | None = None) -> bool:
+        data = request.getfixturevalue("char_data") if data is None else data
+        floor = unigram_nats(data.train) - TRAINED_MARGIN
+        flat = {}
+        for label, v in losses.items():
+            if isinstance(v, Mapping):
+                flat.update({f"{label}, seed {seed}": run for seed, run in v.items()})
+            else:
+                flat[label if isinstance(label, str) else f"seed {label}"] = v
+        short = {}
+        for label, v in flat.items():
+            if isinstance(v, Exception):
+                short[label] = "diverged"
+            elif not float(getattr(v, "final_val_loss", v)) < floor:
+                short[label] = f"{float(getattr(v, 'final_val_loss', v)):.3f}"
+        detail = f"val loss below the training tokens' unigram entropy - {TRAINED_MARGIN} = {floor:.3f} nats/token"
+        if short:
+            detail += "; not met by " + ", ".join(f"{k} ({v})" for k, v in short.items())
+        return outcome.require(f"{what} trained", not short, detail)
+
+    return check
+
+
+@pytest.fixture
+def require_subject_trained(request, require_trained):
+    """require_subject_trained(which) for Tracks B and C, which look inside two subjects:
+    "baby-gpt" (trained here once per seed: each seed's model must have trained) or
+    "minilm" (a released pretrained model: nothing to check)."""
+
+    def check(which: str) -> bool:
+        if which != "baby-gpt":
+            return True
+        return require_trained(request.getfixturevalue("baby_runs"), "each seed's baby GPT")
+
+    return check
+
+
+@pytest.fixture
+def require_finetuned(outcome, require_trained, old_data):
+    """require_finetuned({label: {seed: FinetuneResult}}): the validity checks of a claim
+    about fine-tuning. The base had learned the old task (its Shakespeare val loss before
+    fine-tuning below the unigram entropy by a margin), and every run moved its new-task
+    (Milton) val loss: ended below where it started, without diverging."""
+
+    def check(runs: Mapping) -> bool:
+        first = next(iter(next(iter(runs.values())).values()))
+        base = require_trained({"base": first.evals[0]["old_val"]}, "the base model (Shakespeare val loss)", old_data)
+        stuck = [
+            f"{label}, seed {seed}"
+            for label, by_seed in runs.items()
+            for seed, r in by_seed.items()
+            if r.diverged or not r.final["new_val"] < r.evals[0]["new_val"]
+        ]
+        moved = outcome.require(
+            "every fine-tuning run moved its new-task val loss",
+            not stuck,
+            "final val loss on the new task below its value before fine-tuning"
+            + (f"; not met by {', '.join(stuck)}" if stuck else ""),
+        )
+        return base and moved
+
+    return check
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,9 @@ import torch
 
 from lab.data import split_text
 from lab.models import GPT
-from lab.report import at_least, at_most, greater_than, less_than, prediction
+from lab.report import at_least, at_most, check, greater_than, less_than, prediction
 from lab.seeding import seed_everything
-from lab.tokenizers import get_tokenizer
-from lab.tokenstudy import (
+from lab.tokenization import (
     bpe_tokenizers,
     by_frequency,
     chance_nearest_in_group,
@@ -32,6 +31,7 @@ from lab.tokenstudy import (
     token_counts,
     tokens_per_word,
 )
+from lab.tokenizers import get_tokenizer
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m01_tokenization]
 
@@ -84,7 +84,7 @@ def _compression_figure(sizes, val_c, train_c, cl100k_c):
     expect=less_than(0.5),
 )
 def test_compression_grows_with_diminishing_returns(lab, shakespeare_splits, cl100k_tok, outcome):
-    """Characters per token as a function of BPE vocabulary size.
+    """How does BPE compression (characters per token) grow with the vocabulary size?
 
     Train the lab's byte-level BPE (GPT-2 split pattern, most frequent pair merged
     first, starting from the 256 single bytes) on tiny Shakespeare's training split at
@@ -102,14 +102,17 @@ def test_compression_grows_with_diminishing_returns(lab, shakespeare_splits, cl1
     val_c = [compression(toks[v], val_text) for v in s.vocab_sizes]
     train_c = [compression(toks[v], train_text) for v in s.vocab_sizes]
     for v, cv, ct in zip(s.vocab_sizes, val_c, train_c):
-        outcome.record(f"val_chars_per_token_v{v}", cv, unit="chars/token")
-        outcome.record(f"train_chars_per_token_v{v}", ct, unit="chars/token")
+        outcome.record(f"val_chars_per_token_v{v}", cv, unit="chars/token", deterministic=True)
+        outcome.record(f"train_chars_per_token_v{v}", ct, unit="chars/token", deterministic=True)
     gains = gains_per_doubling(s.vocab_sizes, val_c)
-    outcome.record("min_gain_per_doubling", min(gains), unit="chars/token per doubling")
-    outcome.record("first_gain_per_doubling", gains[0], unit="chars/token per doubling")
-    outcome.record("last_gain_per_doubling", gains[-1], unit="chars/token per doubling")
-    outcome.record("last_over_first_gain", gains[-1] / gains[0])
-    cl = outcome.record("val_chars_per_token_cl100k", compression(cl100k_tok, val_text), unit="chars/token")
+    exact = dict(unit="chars/token per doubling", deterministic=True)  # tokenization has no randomness
+    outcome.record("min_gain_per_doubling", min(gains), **exact)
+    outcome.record("first_gain_per_doubling", gains[0], **exact)
+    outcome.record("last_gain_per_doubling", gains[-1], **exact)
+    outcome.record("last_over_first_gain", gains[-1] / gains[0], deterministic=True)
+    cl = outcome.record(
+        "val_chars_per_token_cl100k", compression(cl100k_tok, val_text), unit="chars/token", deterministic=True
+    )
 
     outcome.plot("compression", _compression_figure(s.vocab_sizes, val_c, train_c, cl))
     outcome.table(
@@ -174,7 +177,7 @@ def _show(pieces: list[str]) -> str:
     return " | ".join(p.replace(" ", "␣").replace("\n", "\\n") for p in pieces)
 
 
-@prediction(
+@check(
     "cl100k never puts more than three digits in one token (its pre-tokenizer cuts digit runs into groups of <= 3)",
     metric="cl100k_max_digits_per_token",
     expect=at_most(3),
@@ -190,7 +193,8 @@ def _show(pieces: list[str]) -> str:
     expect=at_least(1.5),
 )
 @prediction(
-    "Ten common English function words (the, and, to, of, my, you, that, is, not, with) are one token each under the lab BPE",
+    "Ten common English function words (the, and, to, of, my, you, that, is, not, with) are one token each under "
+    "the lab BPE",
     metric="frequent_words_tokens_per_word_bpe",
     expect=at_most(1.0),
 )
@@ -200,7 +204,7 @@ def _show(pieces: list[str]) -> str:
     expect=at_most(1.0),
 )
 def test_rare_words_and_numbers(lab, shakespeare_splits, cl100k_tok, outcome):
-    """How cl100k and the lab BPE cut rare words, numbers and in-domain names.
+    """How do cl100k and the lab BPE cut rare words, numbers and in-domain names?
 
     Tokenize fixed word lists with cl100k (100,277 tokens, web text) and with the lab's
     BPE trained on tiny Shakespeare's training split at the profile's split vocabulary
@@ -229,9 +233,12 @@ def test_rare_words_and_numbers(lab, shakespeare_splits, cl100k_tok, outcome):
     for group, (words, prefix) in groups.items():
         rep_bpe = split_report(bpe, words, prefix=prefix)
         rep_cl = split_report(cl100k_tok, words, prefix=prefix)
-        outcome.record(f"{group}_tokens_per_word_bpe", tokens_per_word(rep_bpe), unit="tokens/word")
-        outcome.record(f"{group}_tokens_per_word_cl100k", tokens_per_word(rep_cl), unit="tokens/word")
-        outcome.record(f"{group}_ratio_bpe_over_cl100k", tokens_per_word(rep_bpe) / tokens_per_word(rep_cl))
+        exact = dict(unit="tokens/word", deterministic=True)  # fixed word lists, deterministic tokenizers
+        outcome.record(f"{group}_tokens_per_word_bpe", tokens_per_word(rep_bpe), **exact)
+        outcome.record(f"{group}_tokens_per_word_cl100k", tokens_per_word(rep_cl), **exact)
+        outcome.record(
+            f"{group}_ratio_bpe_over_cl100k", tokens_per_word(rep_bpe) / tokens_per_word(rep_cl), deterministic=True
+        )
         for (word, p_bpe), (_, p_cl) in zip(rep_bpe, rep_cl):
             rows.append(
                 {
@@ -243,8 +250,9 @@ def test_rare_words_and_numbers(lab, shakespeare_splits, cl100k_tok, outcome):
                     "n (cl100k)": len(p_cl),
                 }
             )
-    outcome.record("cl100k_max_digits_per_token", max_digits_per_token(cl100k_tok, [" " + n for n in NUMBERS]))
-    outcome.record("bpe_max_digits_per_token", max_digits_per_token(bpe, [" " + n for n in NUMBERS]))
+    for name, tok in (("cl100k", cl100k_tok), ("bpe", bpe)):
+        n_max = max_digits_per_token(tok, [" " + n for n in NUMBERS])
+        outcome.record(f"{name}_max_digits_per_token", n_max, deterministic=True)
     outcome.table("splits", rows, caption="Token pieces (␣ = space) under the lab BPE and cl100k")
     digits = sorted({c for c in train_text if c.isdigit()})
     outcome.note(f"digits in the training split: {''.join(digits) or 'none'}; speaker tags used: {', '.join(names)}")
@@ -294,8 +302,8 @@ def _heatmap(tok, trained, init, title):
     metric="vowel_nn_vowel_fraction",
     expect=at_least(0.4),
 )
-def test_vowels_cluster_in_embedding(lab, char_data, baby_runs, outcome):
-    """Nearest neighbours in a char-level GPT's token embedding.
+def test_vowels_cluster_in_embedding(lab, char_data, baby_runs, outcome, require_trained):
+    """Do vowels cluster in a char-level GPT's token embedding?
 
     For each seed's baby GPT (char-level tiny Shakespeare; the token embedding is tied
     to the output layer, so each row serves both reading and predicting a character),
@@ -303,7 +311,8 @@ def test_vowels_cluster_in_embedding(lab, char_data, baby_runs, outcome):
     the mean cosine between distinct lower-case vowels (a e i o u) minus the mean
     cosine between a vowel and a lower-case consonant. The nearest-neighbour statistic
     is the fraction of the five vowels whose most similar other lower-case letter is a
-    vowel (chance 4/25 = 0.16). The control is the same model's embedding at
+    vowel (chance 4/25 = 0.16), judged as a count of vowels out of five per seed, with an
+    exact binomial interval over all seeds' vowels. The control is the same model's embedding at
     initialisation (same seed, before any step), paired by seed. The table lists the
     nearest neighbours of the most frequent characters of the training split (first
     seed); the figure shows the cosine matrix of the alphabet, trained and at init.
@@ -318,8 +327,9 @@ def test_vowels_cluster_in_embedding(lab, char_data, baby_runs, outcome):
         trained, init = run.model.wte.weight.detach(), _init_embedding(run, seed)
         outcome.record("vowel_cohesion", cohesion(trained, vowels, consonants), seed=seed)
         outcome.record("vowel_cohesion_init", cohesion(init, vowels, consonants), seed=seed)
-        outcome.record("vowel_nn_vowel_fraction", nearest_in_group_fraction(trained, vowels, lower), seed=seed)
-        outcome.record("vowel_nn_vowel_fraction_init", nearest_in_group_fraction(init, vowels, lower), seed=seed)
+        for name, emb in (("vowel_nn_vowel_fraction", trained), ("vowel_nn_vowel_fraction_init", init)):
+            hits = round(nearest_in_group_fraction(emb, vowels, lower) * len(vowels))
+            outcome.record_fraction(name, hits, len(vowels), seed=seed)
         if seed == min(baby_runs):
             nn = embedding_neighbours(trained, frequent, s.k_neighbours)
             outcome.table(
@@ -337,6 +347,7 @@ def test_vowels_cluster_in_embedding(lab, char_data, baby_runs, outcome):
                 "cosine_matrix", _heatmap(tok, trained, init, f"Token-embedding cosine similarity (seed {seed})")
             )
     outcome.note(f"chance level of the nearest-neighbour fraction: {chance_nearest_in_group(5, 26):.2f}")
+    require_trained(baby_runs, "each seed's baby GPT")
 
 
 @prediction(
@@ -344,8 +355,8 @@ def test_vowels_cluster_in_embedding(lab, char_data, baby_runs, outcome):
     metric="case_pair_gap",
     expect=greater_than("case_pair_gap_init"),
 )
-def test_case_pairs_are_close(lab, char_data, baby_runs, outcome):
-    """Upper/lower-case pairs in a char-level GPT's token embedding.
+def test_case_pairs_are_close(lab, char_data, baby_runs, outcome, require_trained):
+    """Is each capital letter closest to its own lower case in a char-level GPT's embedding?
 
     For each seed's baby GPT, the case-pair gap is the mean cosine between each capital
     and its own lower-case letter ('A'-'a', ..., 'Z'-'z') minus the mean cosine between
@@ -365,17 +376,18 @@ def test_case_pairs_are_close(lab, char_data, baby_runs, outcome):
         outcome.record("case_pair_gap_init", pair_gap(init, pairs), seed=seed)
         if seed == min(baby_runs):
             cos = cosine_matrix(trained)
-            for (u, l), ch in zip(pairs, LOWER):
+            for (u, lo), ch in zip(pairs, LOWER):
                 lower_ids = [j for _, j in pairs]
-                rank = 1 + sum(cos[u, j].item() > cos[u, l].item() for j in lower_ids if j != l)
+                rank = 1 + sum(cos[u, j].item() > cos[u, lo].item() for j in lower_ids if j != lo)
                 rows.append(
                     {
                         "pair": f"{ch.upper()} / {ch}",
-                        "cosine": round(cos[u, l].item(), 3),
+                        "cosine": round(cos[u, lo].item(), 3),
                         "rank of own lower case among 26": rank,
                     }
                 )
     outcome.table("case_pairs", rows, caption="Cosine of each case pair and the lower-case letter's rank (first seed)")
+    require_trained(baby_runs, "each seed's baby GPT")
 
 
 @prediction(
@@ -388,8 +400,8 @@ def test_case_pairs_are_close(lab, char_data, baby_runs, outcome):
     metric="mean_cosine",
     expect=greater_than("mean_cosine_init"),
 )
-def test_rare_tokens_share_a_direction(lab, char_data, baby_runs, outcome):
-    """Cosine structure by token frequency, and anisotropy.
+def test_rare_tokens_share_a_direction(lab, char_data, baby_runs, outcome, require_trained):
+    """Do rare characters share a direction in the embedding, and does training make it anisotropic?
 
     Count characters in the training split and take the profile's group size (10 on
     cpu) of the rarest and of the most frequent. For each seed's baby GPT, record the
@@ -412,6 +424,7 @@ def test_rare_tokens_share_a_direction(lab, char_data, baby_runs, outcome):
         outcome.record("frequent_mean_cosine_init", mean_cosine(init, frequent), seed=seed)
         outcome.record("mean_cosine", mean_cosine(trained), seed=seed)
         outcome.record("mean_cosine_init", mean_cosine(init), seed=seed)
+    require_trained(baby_runs, "each seed's baby GPT")
     outcome.table(
         "groups",
         [

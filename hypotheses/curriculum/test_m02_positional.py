@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lab.ablations import compare_runs
-from lab.report import at_least, at_most, greater_than, less_than, prediction
+from lab.report import at_least, at_most, check, greater_than, less_than, prediction
 from lab.train import per_position_loss
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m02_positional]
@@ -57,8 +57,8 @@ def degradation(curves: dict, trained: int, longest: int) -> float:
     metric="none_val_loss",
     expect=greater_than("learned_val_loss"),
 )
-def test_encodings_at_the_trained_length(pos_runs, outcome):
-    """Validation loss of the five encodings at the context they were trained on.
+def test_encodings_at_the_trained_length(pos_runs, outcome, require_trained):
+    """How do the five positional encodings compare at the context length they were trained on?
 
     Train the shared small GPT (profile.architecture) five times per seed, identical
     except for positions: learned absolute embeddings (GPT-2), fixed sinusoids
@@ -68,9 +68,10 @@ def test_encodings_at_the_trained_length(pos_runs, outcome):
     validation loss, paired by seed.
     """
     compare_runs(outcome, pos_runs, title="Positional encodings: validation loss", baseline="learned")
+    require_trained(pos_runs, "every model")
 
 
-@prediction(
+@check(
     "Learned position embeddings cannot run past their trained length: a longer context is refused with a clear error",
     metric="learned_longest_context",
     expect=at_most(0),
@@ -80,7 +81,8 @@ def test_learned_positions_stop_at_trained_length(lab, pos_runs, outcome):
 
     Ask the learned-position model (seed 0) for a copy with each longer evaluation
     context. The statistic is how many tokens past the trained length the longest
-    accepted context goes (0 = none). A refusal must be a ValueError that says why.
+    accepted context goes (0 = none). A refusal must be a ValueError that says why. A
+    check, not a finding: the model has no embedding for a position past its table.
     """
     a = lab.profile.architecture
     model = next(iter(pos_runs["learned"].values())).model
@@ -92,7 +94,7 @@ def test_learned_positions_stop_at_trained_length(lab, pos_runs, outcome):
         except ValueError as exc:
             assert "learned position embeddings" in str(exc), exc
             outcome.note(f"with_context({c}) refused: {exc}")
-    outcome.record("learned_longest_context", longest - trained, unit="tokens")
+    outcome.record("learned_longest_context", longest - trained, unit="tokens", deterministic=True)
 
 
 def _plot_long_context(lab, long_context_loss, outcome):
@@ -126,8 +128,8 @@ def _plot_long_context(lab, long_context_loss, outcome):
     metric="alibi_degradation",
     expect=less_than("none_degradation"),
 )
-def test_alibi_extrapolates_best(lab, long_context_loss, outcome):
-    """Length extrapolation of the four encodings that define every position.
+def test_alibi_extrapolates_best(lab, pos_runs, long_context_loss, outcome, require_trained):
+    """Which of the four encodings that define every position extrapolates best past the trained length?
 
     Evaluate each trained model (same weights, longer context) on fixed validation
     windows at every profile context length and compute the per-position loss. The
@@ -156,6 +158,7 @@ def test_alibi_extrapolates_best(lab, long_context_loss, outcome):
             )
     outcome.table("by_context", rows, caption="Validation loss by evaluation context")
     _plot_long_context(lab, long_context_loss, outcome)
+    require_trained({pos: pos_runs[pos] for pos in EXTRAPOLATING}, "every model")
 
 
 @prediction(
@@ -163,8 +166,8 @@ def test_alibi_extrapolates_best(lab, long_context_loss, outcome):
     metric="rope_degradation",
     expect=at_least(0.1),
 )
-def test_rope_degrades_past_trained_length(lab, long_context_loss, outcome):
-    """RoPE at positions it never saw.
+def test_rope_degrades_past_trained_length(lab, pos_runs, long_context_loss, outcome, require_trained):
+    """Does RoPE degrade at positions past its trained length?
 
     The RoPE models' degradation (as in the ALiBi comparison: loss past the trained
     length at the longest context minus loss over the second half of the trained
@@ -177,3 +180,4 @@ def test_rope_degrades_past_trained_length(lab, long_context_loss, outcome):
         for c in a.eval_contexts[1:]:
             outcome.record(f"rope_degradation_at_{c}", degradation(curves, trained, c), seed=seed, unit="nats/char")
     _plot_long_context(lab, long_context_loss, outcome)
+    require_trained(pos_runs["rope"], "each seed's RoPE model")

@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from lab.ablations import compare_runs
+from lab.inspect.attention import patterns
 from lab.models import GPT
-from lab.models.gpt import POSITIONS
-from lab.report import at_least, at_most, between, less_than, prediction
+from lab.models.config import POSITIONS
+from lab.report import at_least, at_most, between, check, less_than, prediction
 from lab.seeding import seed_everything
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m03_attention]
 
 
-@prediction(
+@check(
     "Causal masking is exact: changing future tokens never changes an earlier position's logits (max |change| = 0)",
     metric="max_leak",
     expect=at_most(0.0),
@@ -28,7 +29,8 @@ def test_causal_mask_is_exact(lab, char_data, outcome):
     random token sequences; for 20 random cut points t, every token after t is
     replaced by random tokens and the logits at positions <= t are compared with the
     original ones. The statistic is the largest absolute change seen, over all
-    encodings and trials (float32, eval mode).
+    encodings and trials (float32, eval mode): exact, since the weights, inputs and cut
+    points are fixed. A check, not a finding: the mask is exact by construction.
     """
     a = lab.profile.architecture
     T, V = a.model.block_size, char_data.tokenizer.vocab_size
@@ -48,7 +50,7 @@ def test_causal_mask_is_exact(lab, char_data, outcome):
                 leak = max(leak, diff)
         rows.append({"encoding": pos, "max |logit change| at earlier positions": leak})
         worst = max(worst, leak)
-    outcome.record("max_leak", worst)
+    outcome.record("max_leak", worst, deterministic=True)
     outcome.table("leak_by_encoding", rows)
 
 
@@ -75,7 +77,7 @@ def _entropy_at_init(lab, char_data, d_k: int, *, scaled: bool, init_std: float 
     model = GPT(config).eval()
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, config.vocab_size, (8, a.model.block_size), generator=gen)
-    return _mean_normalised_entropy(model.attention_patterns(idx)[0])
+    return _mean_normalised_entropy(patterns(model, idx)[0])
 
 
 def _entropy_sweep(lab, char_data, outcome, init_std):
@@ -97,7 +99,8 @@ def _entropy_sweep(lab, char_data, outcome, init_std):
 
 
 @prediction(
-    "Without 1/sqrt(d_k), attention at a variance-preserving init collapses as d_k grows: normalised entropy at the largest d_k <= 0.5",
+    "Without 1/sqrt(d_k), attention at a variance-preserving init collapses as d_k grows: normalised entropy at the "
+    "largest d_k <= 0.5",
     metric="unscaled_entropy_at_max_dk",
     expect=at_most(0.5),
 )
@@ -107,7 +110,7 @@ def _entropy_sweep(lab, char_data, outcome, init_std):
     expect=at_least(0.8),
 )
 def test_unscaled_attention_collapses_with_dk(lab, char_data, outcome):
-    """Attention entropy at initialisation vs head size d_k, with and without the scale.
+    """Without the 1/sqrt(d_k) scale, does attention at initialisation collapse as d_k grows?
 
     The textbook argument (Vaswani et al., footnote 4) assumes query and key components
     of unit variance, so q.k has variance d_k. Build one-layer, one-head models of width
@@ -129,17 +132,18 @@ def test_unscaled_attention_collapses_with_dk(lab, char_data, outcome):
 
 
 @prediction(
-    "At GPT-2's small init (std 0.02) even unscaled attention starts near-uniform (normalised entropy >= 0.95 at the largest d_k): the scale matters once q and k grow",
+    "At GPT-2's small init (std 0.02) even unscaled attention starts near-uniform (normalised entropy >= 0.95 at "
+    "the largest d_k): the scale matters once q and k grow",
     metric="unscaled_entropy_at_max_dk",
     expect=at_least(0.95),
 )
 def test_small_init_hides_the_missing_scale(lab, char_data, outcome):
-    """The same sweep at GPT-2's initialisation (every weight N(0, 0.02^2)).
+    """Does GPT-2's small initialisation (every weight N(0, 0.02^2)) hide the missing scale?
 
     With std 0.02, q and k components have variance d_k * 0.0004, so q.k is tiny at
     any d_k this lab builds and the softmax is near-uniform with or without the scale;
-    the scale only starts to matter as training grows the weights. Same measurement as
-    the variance-preserving sweep.
+    the scale only starts to matter as training grows the weights. The same sweep and
+    measurement as the variance-preserving one.
     """
     lines = _entropy_sweep(lab, char_data, outcome, init_std=0.02)
     d = max(lab.profile.architecture.head_dims)
@@ -169,8 +173,8 @@ def test_small_init_hides_the_missing_scale(lab, char_data, outcome):
     metric="heads_most_minus_mid",
     expect=between(-0.03, 0.03),
 )
-def test_head_count_at_fixed_width(lab, ablation_runs, outcome):
-    """Attention heads at fixed width.
+def test_head_count_at_fixed_width(lab, ablation_runs, outcome, require_trained):
+    """At fixed width, do more attention heads lower the validation loss?
 
     Train the shared small GPT with each profile head count (width, depth, data,
     budget and seeds fixed; head size = width / heads, so parameters are identical)
@@ -187,3 +191,4 @@ def test_head_count_at_fixed_width(lab, ablation_runs, outcome):
             runs[f"heads_{most}"][seed].final_val_loss - runs[f"heads_{mid}"][seed].final_val_loss,
             seed=seed,
         )
+    require_trained(runs, "every model")

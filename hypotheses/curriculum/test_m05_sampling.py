@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from lab.data import split_text
+from lab.diversity import distinct_n, loop_start
 from lab.report import at_least, less_than, prediction
 from lab.report.intervals import spearman
-from lab.textstats import distinct_n, loop_start
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m05_sampling]
 
@@ -26,18 +26,22 @@ def _sample(model, prompts, n_tokens, *, seed, **kw) -> list[list[int]]:
 
 
 @prediction(
-    "Distinct-4 diversity of samples rises with temperature (Spearman rho over the temperature grid >= 0.9)",
-    metric="rho_temperature_distinct4",
-    expect=at_least(0.9),
+    "Distinct-4 diversity of samples rises with temperature: it goes up at a share >= {low} of the steps up the "
+    "temperature grid (all seeds' steps pooled)",
+    metric="distinct4_rising_steps",
+    expect=at_least(0.75),
 )
-def test_diversity_rises_with_temperature(lab, char_data, baby_runs, outcome):
-    """Sampling temperature controls diversity.
+def test_diversity_rises_with_temperature(lab, char_data, baby_runs, outcome, require_trained):
+    """Does sample diversity rise with the sampling temperature?
 
     For each seed's baby GPT (char-level tiny Shakespeare), sample the profile's
     sample length from each of the profile's prompts (cut from the validation text) at
     every temperature of the grid, and pool distinct-4 (unique 4-grams / all 4-grams)
-    over the samples. The statistic per seed is Spearman's rho between temperature and
-    distinct-4. Context beyond the model's block size is cropped, as nanoGPT does.
+    over the samples. The statistic is the share of steps up the temperature grid (from
+    each temperature to the next) at which distinct-4 rises: a count of steps per seed,
+    judged with an exact binomial interval over all seeds' steps. Spearman's rho between
+    temperature and distinct-4 is recorded per seed too. Context beyond the model's block
+    size is cropped, as nanoGPT does.
     """
     inf = lab.profile.inference
     prompts = _prompts(lab, char_data, inf.n_prompts)
@@ -48,25 +52,30 @@ def test_diversity_rises_with_temperature(lab, char_data, baby_runs, outcome):
             for t in inf.temperatures
         ]
         outcome.record("rho_temperature_distinct4", spearman(inf.temperatures, d4), seed=seed)
+        rises = sum(b > a for a, b in zip(d4, d4[1:]))
+        outcome.record_fraction("distinct4_rising_steps", rises, len(d4) - 1, seed=seed, unit="share of steps")
         curves[f"seed {seed}"] = (inf.temperatures, d4)
     outcome.plot_lines(
         "distinct4", curves, xlabel="temperature", ylabel="distinct-4", title="Sample diversity vs temperature"
     )
+    require_trained(baby_runs, "each seed's baby GPT")
 
 
 @prediction(
-    "Greedy decoding of the Shakespeare model falls into a repeating loop within 200 tokens for at least 80% of prompts",
+    "Greedy decoding of the Shakespeare model falls into a repeating loop within 200 tokens for at least 80% of "
+    "prompts",
     metric="loop_fraction",
     expect=at_least(0.8),
 )
-def test_greedy_decoding_loops(lab, char_data, baby_runs, outcome):
-    """Greedy decoding repeats itself.
+def test_greedy_decoding_loops(lab, char_data, baby_runs, outcome, require_trained):
+    """Does greedy decoding fall into a repeating loop?
 
     Greedy-decode (temperature 0) the profile's sample length (200 characters on the
     cpu profile) from each prompt with each seed's baby GPT, and call a continuation
     looped when its tail is periodic (some period p <= 100 repeated at least twice
     through to the end: tokens[i] == tokens[i + p] from the loop start on). The
-    statistic per seed is the fraction of prompts that looped. A char model conditions
+    statistic is the share of prompts that looped: a count of prompts per seed, judged
+    with an exact binomial interval over all seeds' prompts. A char model conditions
     on its last block-size characters only, so a repeated window means a cycle forever.
     """
     inf = lab.profile.inference
@@ -75,7 +84,7 @@ def test_greedy_decoding_loops(lab, char_data, baby_runs, outcome):
     for seed, run in baby_runs.items():
         samples = _sample(run.model, prompts, inf.sample_len, seed=seed, temperature=0.0)
         starts = [loop_start(s, max_period=100) for s in samples]
-        outcome.record("loop_fraction", sum(s is not None for s in starts) / len(starts), seed=seed)
+        outcome.record_fraction("loop_fraction", sum(s is not None for s in starts), len(starts), seed=seed)
         if seed == min(baby_runs):
             for s, start in zip(samples[:3], starts[:3]):
                 rows.append(
@@ -85,6 +94,7 @@ def test_greedy_decoding_loops(lab, char_data, baby_runs, outcome):
                     }
                 )
     outcome.table("greedy_samples", rows, caption="Greedy continuations of the first prompts (first seed)")
+    require_trained(baby_runs, "each seed's baby GPT")
 
 
 @torch.no_grad()
@@ -105,8 +115,8 @@ def _mean_surprisal(model, prompts, samples) -> float:
     metric="surprisal_top_p",
     expect=less_than("surprisal_pure"),
 )
-def test_top_p_lowers_surprisal(lab, char_data, baby_runs, outcome):
-    """Top-p cuts off the unlikely tail.
+def test_top_p_lowers_surprisal(lab, char_data, baby_runs, outcome, require_trained):
+    """Does top-p (nucleus) sampling lower the surprisal of what is sampled?
 
     With each seed's baby GPT, sample from every prompt at T=1 twice: unrestricted, and
     with top-p = 0.9. Score each sampled token by its surprisal (-ln p) under the
@@ -120,5 +130,7 @@ def test_top_p_lowers_surprisal(lab, char_data, baby_runs, outcome):
         outcome.record("surprisal_pure", _mean_surprisal(run.model, prompts, pure), seed=seed, unit="nats/token")
         outcome.record("surprisal_top_p", _mean_surprisal(run.model, prompts, nucleus), seed=seed, unit="nats/token")
     outcome.note(
-        f"for reference, the uniform distribution over {char_data.vocab_size} characters has surprisal {math.log(char_data.vocab_size):.2f} nats"
+        f"for reference, the uniform distribution over {char_data.vocab_size} characters has surprisal "
+        f"{math.log(char_data.vocab_size):.2f} nats"
     )
+    require_trained(baby_runs, "each seed's baby GPT")

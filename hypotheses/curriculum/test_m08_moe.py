@@ -36,7 +36,8 @@ def _late_entropy(run) -> np.ndarray:
 
 
 @prediction(
-    "Without the load-balancing loss, expert utilisation is less even than with it (normalised load entropy, last 10% of training)",
+    "Without the load-balancing loss, expert utilisation is less even than with it (normalised load entropy, last "
+    "10% of training)",
     metric="noaux_entropy",
     expect=less_than("aux_entropy"),
 )
@@ -45,8 +46,8 @@ def _late_entropy(run) -> np.ndarray:
     metric="noaux_entropy",
     expect=at_most(0.75),
 )
-def test_routing_collapses_without_balancing(lab, moe_runs, outcome):
-    """Expert utilisation over training, with and without the auxiliary loss.
+def test_routing_collapses_without_balancing(lab, moe_runs, outcome, require_trained):
+    """Without the load-balancing loss, does expert routing collapse?
 
     Train the shared small GPT with every MLP replaced by a top-k routed mixture of
     experts (profile n_expert, top_k), once with Switch Transformer's load-balancing
@@ -78,6 +79,7 @@ def test_routing_collapses_without_balancing(lab, moe_runs, outcome):
         title=f"Expert utilisation over training (seed {first})",
     )
     outcome.plot("expert_load", _load_figure(moe_runs, first), caption="Share of routed tokens per expert, layer 0")
+    require_trained({k: moe_runs[k] for k in ("moe_aux", "moe_noaux")}, "every mixture of experts")
 
 
 def _load_figure(moe_runs, seed):
@@ -98,8 +100,8 @@ def _load_figure(moe_runs, seed):
     metric="moe_aux_val_loss",
     expect=less_than("dense_val_loss"),
 )
-def test_moe_beats_dense_at_equal_active_parameters(lab, moe_runs, outcome):
-    """Dense MLP vs mixture of experts with the same compute per token.
+def test_moe_beats_dense_at_equal_active_parameters(lab, moe_runs, outcome, require_trained):
+    """At equal active parameters, does a mixture of experts beat the dense model?
 
     The dense model's MLP has hidden width 4d. The MoE routes each token to top_k of
     n_expert experts of hidden width 4d/top_k, so each token uses the same number of
@@ -107,6 +109,7 @@ def test_moe_beats_dense_at_equal_active_parameters(lab, moe_runs, outcome):
     as many. Same data, steps and seeds; final validation loss paired by seed.
     """
     compare_runs(outcome, moe_runs, title="Dense vs mixture of experts: validation loss", baseline="dense")
+    require_trained(moe_runs, "every model")
     a = lab.profile.architecture
     d, k, e = a.model.n_embd, a.moe_top_k, a.n_expert
     outcome.note(

@@ -23,8 +23,8 @@ NORMS = ("layernorm", "rmsnorm")
     metric="rmsnorm_minus_layernorm",
     expect=between(-0.02, 0.02),
 )
-def test_rmsnorm_matches_layernorm(lab, ablation_runs, outcome):
-    """LayerNorm vs RMSNorm in the shared small GPT.
+def test_rmsnorm_matches_layernorm(lab, ablation_runs, outcome, require_trained):
+    """Does RMSNorm train the shared small GPT as well as LayerNorm?
 
     Train the model with each norm (everything else fixed; RMSNorm drops the mean
     subtraction and the bias) and compare final validation loss, paired by seed.
@@ -37,6 +37,7 @@ def test_rmsnorm_matches_layernorm(lab, ablation_runs, outcome):
             runs["rmsnorm"][seed].final_val_loss - runs["layernorm"][seed].final_val_loss,
             seed=seed,
         )
+    require_trained(runs, "every model")
 
 
 def _step_fn(lab, data, norm):
@@ -57,10 +58,11 @@ def _step_fn(lab, data, norm):
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_norm_step_benchmark(lab, char_data, benchmark, outcome, norm):
-    """Training-step time of the shared small GPT with each norm (pytest-benchmark).
+    """How long does a training step of the shared small GPT take with each norm?
 
     One optimizer step (batch sampling, forward, backward, clipping, AdamW) per round,
-    after 5 warm-up steps; both norms benchmarked in the same process.
+    after 5 warm-up steps, timed with pytest-benchmark; both norms benchmarked in the
+    same process.
     """
     benchmark.group = "m10: training step, LayerNorm vs RMSNorm"
     benchmark.extra_info["norm"] = norm
@@ -76,7 +78,7 @@ def test_norm_step_benchmark(lab, char_data, benchmark, outcome, norm):
     expect=less_than(1.0),
 )
 def test_rmsnorm_step_time(lab, char_data, outcome):
-    """Training-step time, RMSNorm over LayerNorm, interleaved in one process.
+    """Is a training step faster with RMSNorm than with LayerNorm, interleaved in one process?
 
     Build both models (seed 0), warm each up for 5 steps, then alternate blocks of 10
     steps of each for the profile's seeds x 3 rounds; each round's ratio of mean step
@@ -113,8 +115,8 @@ def test_rmsnorm_step_time(lab, char_data, outcome):
     metric="gelu_val_loss",
     expect=less_than("relu_val_loss"),
 )
-def test_activations_at_matched_parameters(lab, ablation_runs, outcome):
-    """GELU vs ReLU vs SwiGLU MLPs with exactly the same number of weights.
+def test_activations_at_matched_parameters(lab, ablation_runs, outcome, require_trained):
+    """With exactly the same number of weights, do SwiGLU, GELU and ReLU MLPs rank as expected?
 
     GELU and ReLU MLPs have hidden width 4d (two d x 4d matrices); SwiGLU has three
     matrices of hidden width 8d/3, the same weight count when d is divisible by 3 (the
@@ -124,4 +126,7 @@ def test_activations_at_matched_parameters(lab, ablation_runs, outcome):
     runs = {mlp: ablation_runs(mlp=mlp) for mlp in ("gelu", "relu", "swiglu")}
     compare_runs(outcome, runs, title="MLP activation: validation loss", baseline="gelu")
     params = {mlp: next(iter(r.values())).model.num_params() for mlp, r in runs.items()}
-    outcome.record("max_param_gap", (max(params.values()) - min(params.values())) / min(params.values()))
+    outcome.record(
+        "max_param_gap", (max(params.values()) - min(params.values())) / min(params.values()), deterministic=True
+    )
+    require_trained(runs, "every model")

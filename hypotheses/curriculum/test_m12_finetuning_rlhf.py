@@ -10,7 +10,9 @@ import copy
 import pytest
 import torch
 
-from lab.posttrain import (
+from lab.models import export_hf, load_lab_from_hf
+from lab.report import at_least, between, greater_than, prediction
+from lab.rlhf import (
     WordTask,
     dpo,
     kl_estimate,
@@ -23,7 +25,7 @@ from lab.posttrain import (
     vowel_fraction,
     write_preferences,
 )
-from lab.report import at_least, greater_than, prediction
+from lab.rlhf.trl_side import hf_pairwise_accuracy, hf_rewards, trl_dpo, trl_reward_model, trl_sft
 
 PILOT_NOTE = (
     "Disclosure: these predictions were written after pilot runs on seed 0 (used to choose sizes and "
@@ -47,6 +49,24 @@ def _gen(seed: int, stream: str) -> torch.Generator:
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
+
+
+def _fell(history) -> tuple[float, float]:
+    """(mean loss over the first 10% of steps, over the last 10%) of a training history."""
+    k = max(1, len(history) // 10)
+    return _mean(h["loss"] for h in history[:k]), _mean(h["loss"] for h in history[-k:])
+
+
+def _require_fell(outcome, what: str, histories: dict) -> None:
+    """Validity: each training run in {label: history} moved its loss (last 10% of steps
+    below the first 10%)."""
+    ends = {label: _fell(h) for label, h in histories.items()}
+    outcome.require(
+        f"{what} moved its loss",
+        all(last < first for first, last in ends.values()),
+        "mean loss, first -> last 10% of steps: "
+        + ", ".join(f"{label} {first:.3f} -> {last:.3f}" for label, (first, last) in ends.items()),
+    )
 
 
 class PosttrainBench:
@@ -158,6 +178,7 @@ class PosttrainBench:
                 "answers": answers,
                 "score": _mean(vowel_fraction(a) for a in answers),
                 "well_formed": _mean(self.task.well_formed(p, a) for p, a in zip(prompts, answers)),
+                "well_formed_count": sum(self.task.well_formed(p, a) for p, a in zip(prompts, answers)),
                 "known_word": _mean(self.task.known_word(p, a) for p, a in zip(prompts, answers)),
             }
             if which != "base":
@@ -220,7 +241,7 @@ def bench(lab, char_data, baby_runs, tmp_path_factory):
     expect=at_least(0.5),
 )
 def test_sft_learns_format(lab, bench, outcome):
-    """Supervised fine-tuning on a tiny instruction task.
+    """Does supervised fine-tuning teach the baby GPT the format of a tiny instruction task?
 
     The task: "name th: " -> "thee\\n", a word that starts with the prompt's two letters.
     Its words are the lowercase words of 3 to 10 letters in the training split of tiny
@@ -232,15 +253,18 @@ def test_sft_learns_format(lab, bench, outcome):
     characters only (AdamW, constant lr, the profile's steps). Then sample one answer per
     held-out prompt (temperature 1, up to max_new_tokens characters, cut after the first
     newline) from the base and the SFT model. well_formed = share of answers matching
-    <prefix>[a-z]+\\n; known_word = share that are also words of the text.
+    <prefix>[a-z]+\\n (a count of prompts per seed, judged with an exact binomial interval
+    over all seeds' prompts); known_word = share that are also words of the text. Valid
+    only if SFT moved its loss in every seed.
     """
     outcome.note(PILOT_NOTE)
     s = bench.s
     curves = {}
     for seed in lab.seeds:
         base, tuned = bench.evaluate(seed, "base"), bench.evaluate(seed, "sft")
-        outcome.record("well_formed_base", base["well_formed"], seed=seed)
-        outcome.record("well_formed_sft", tuned["well_formed"], seed=seed)
+        n = len(bench.eval_prompts(seed))
+        outcome.record_fraction("well_formed_base", base["well_formed_count"], n, seed=seed)
+        outcome.record_fraction("well_formed_sft", tuned["well_formed_count"], n, seed=seed)
         outcome.record("known_word_sft", tuned["known_word"], seed=seed)
         outcome.record("score_sft", tuned["score"], seed=seed, unit="vowel fraction")
         history = bench.sft(seed)[1]
@@ -252,6 +276,7 @@ def test_sft_learns_format(lab, bench, outcome):
         ylabel="answer cross-entropy (nats/char)",
         title=f"SFT on the word task ({s.sft_steps} steps, batch {s.sft_batch_size})",
     )
+    _require_fell(outcome, "SFT", {f"seed {sd}": bench.sft(sd)[1] for sd in lab.seeds})
     seed = lab.seeds[0]
     prompts = bench.eval_prompts(seed)
     base, tuned = bench.evaluate(seed, "base")["answers"], bench.evaluate(seed, "sft")["answers"]
@@ -275,7 +300,7 @@ def test_sft_learns_format(lab, bench, outcome):
     expect=greater_than("score_sft"),
 )
 def test_dpo_raises_score(lab, bench, outcome):
-    """DPO on vowel-fraction preferences, scored on held-out prompts.
+    """Does DPO on vowel-fraction preferences raise the score on held-out prompts above SFT's?
 
     Preference pairs: for each training prompt (prefixes drawn uniformly from the training
     split), two samples from the SFT model at temperature 1; the answer with the higher
@@ -286,7 +311,8 @@ def test_dpo_raises_score(lab, bench, outcome):
     - log ref(y_w)) - (log pi(y_l) - log ref(y_l)))), sequence log-probs over the answer
     characters, AdamW at a constant lr, the profile's steps and batch, beta = 0.1.
     score = mean vowel fraction of one sample per held-out
-    prompt (the same prompts and sampling stream for both models), paired by seed.
+    prompt (the same prompts and sampling stream for both models), paired by seed. Valid
+    only if DPO moved its loss (which starts at log 2, the policy equal to its reference).
     """
     outcome.note(PILOT_NOTE)
     s = bench.s
@@ -327,6 +353,7 @@ def test_dpo_raises_score(lab, bench, outcome):
         title=f"DPO at beta={beta:g}",
         hlines={"log 2 (pi = ref)": 0.6931},
     )
+    _require_fell(outcome, f"DPO (beta {beta:g})", {f"seed {sd}": bench.dpo(sd, beta)[1] for sd in lab.seeds})
 
 
 @prediction(
@@ -340,7 +367,7 @@ def test_dpo_raises_score(lab, bench, outcome):
     expect=at_least(1.0),
 )
 def test_kl_grows_as_beta_falls(lab, bench, outcome):
-    """KL(pi || ref) and the score across the DPO beta grid.
+    """Does the policy drift further from its reference (KL) as DPO's beta falls?
 
     For each beta of the profile's grid, DPO as in the score hypothesis (same pairs,
     steps, lr and seed). KL(pi || ref) on held-out prompts is estimated by Monte Carlo:
@@ -348,7 +375,9 @@ def test_kl_grows_as_beta_falls(lab, bench, outcome):
     answer characters (nats per answer; the same estimator gives exactly 0 for pi = ref).
     DPO's optimum is pi* proportional to ref * exp(r / beta), so the KL should grow with
     1/beta; a finite step budget may stop short of it. kl_monotone = share of adjacent
-    beta pairs (descending beta) whose KL rises.
+    beta pairs (descending beta) whose KL rises: a count of pairs per seed, judged with
+    an exact binomial interval over all seeds' pairs. Valid only if every DPO run moved
+    its loss.
     """
     outcome.note(PILOT_NOTE)
     betas = bench.s.dpo_betas
@@ -362,7 +391,7 @@ def test_kl_grows_as_beta_falls(lab, bench, outcome):
             outcome.record(f"well_formed_beta_{b:g}", bench.evaluate(seed, b)["well_formed"], seed=seed)
         outcome.record("kl_largest_beta", kls[0], seed=seed, unit="nats/answer")
         outcome.record("kl_smallest_beta", kls[-1], seed=seed, unit="nats/answer")
-        outcome.record("kl_monotone", _mean(b > a for a, b in zip(kls, kls[1:])), seed=seed)
+        outcome.record_fraction("kl_monotone", sum(b > a for a, b in zip(kls, kls[1:])), len(kls) - 1, seed=seed)
         inv = [1 / b for b in betas]
         kl_lines[f"seed {seed}"] = (inv, kls)
         score_lines[f"seed {seed}"] = (list(betas), scores)
@@ -410,6 +439,9 @@ def test_kl_grows_as_beta_falls(lab, bench, outcome):
         "well formed, mean": round(_mean(bench.evaluate(sd, "sft")["well_formed"] for sd in lab.seeds), 3),
     }
     outcome.table("beta_grid", [sft_row, *rows], caption="Means over seeds on held-out prompts")
+    _require_fell(
+        outcome, "every DPO run", {f"beta {b:g}, seed {sd}": bench.dpo(sd, b)[1] for b in betas for sd in lab.seeds}
+    )
 
 
 @prediction(
@@ -423,7 +455,7 @@ def test_kl_grows_as_beta_falls(lab, bench, outcome):
     expect=greater_than("rm_acc_smallest"),
 )
 def test_reward_model_accuracy_vs_pairs(lab, bench, outcome):
-    """Bradley-Terry reward model: held-out pairwise accuracy vs training pairs.
+    """How does a Bradley-Terry reward model's held-out accuracy grow with its training pairs?
 
     The reward model is a copy of the seed's SFT model with a scalar head (zero at init)
     on the final hidden state of the answer's last character (the newline). Train one per
@@ -431,18 +463,23 @@ def test_reward_model_accuracy_vs_pairs(lab, bench, outcome):
     optimizer steps and batch (so small sets are seen for many epochs), with the loss
     -log sigmoid(r(chosen) - r(rejected)). Accuracy: share of pairs from held-out prompts
     (sampled from the SFT model as the training pairs were; ties dropped) whose chosen
-    answer gets the higher reward. Chance is 0.5.
+    answer gets the higher reward (a tie, rare, counts half). Chance is 0.5. The smallest
+    and largest sizes' accuracies are counts of held-out pairs per seed, judged with exact
+    binomial intervals over all seeds' pairs. Valid only if the largest reward model
+    ranks its own training pairs better than chance.
     """
     outcome.note(PILOT_NOTE)
     sizes = bench.s.rm_sizes
-    lines, train_lines = {}, {}
+    lines, train_lines, fitted = {}, {}, {}
     for seed in lab.seeds:
         acc = [bench.rm_accuracy(seed, n) for n in sizes]
         for n, (held, train) in zip(sizes, acc):
             outcome.record(f"rm_acc_{n}", held, seed=seed)
             outcome.record(f"rm_train_acc_{n}", train, seed=seed)
-        outcome.record("rm_acc_smallest", acc[0][0], seed=seed)
-        outcome.record("rm_acc_largest", acc[-1][0], seed=seed)
+        n_held = len(bench.held_pairs(seed))
+        outcome.record_fraction("rm_acc_smallest", round(acc[0][0] * n_held), n_held, seed=seed)
+        outcome.record_fraction("rm_acc_largest", round(acc[-1][0] * n_held), n_held, seed=seed)
+        fitted[f"seed {seed}"] = acc[-1][1]
         outcome.record("rm_eval_pairs", len(bench.held_pairs(seed)), seed=seed)
         lines[f"held-out, seed {seed}"] = (list(sizes), [a[0] for a in acc])
         train_lines[f"training, seed {seed}"] = (list(sizes), [a[1] for a in acc])
@@ -455,3 +492,248 @@ def test_reward_model_accuracy_vs_pairs(lab, bench, outcome):
         logx=True,
         hlines={"chance": 0.5},
     )
+    outcome.require(
+        f"the reward model on {sizes[-1]} pairs fits them",
+        all(a > 0.5 for a in fitted.values()),
+        "training-pair accuracy above chance (0.5): " + ", ".join(f"{k} {a:.3f}" for k, a in fitted.items()),
+    )
+
+
+# ----------------------------------------------------------------- the same recipe through trl
+
+
+class TrlBench:
+    """Per seed, curriculum 12's stages a second way: trl's SFTTrainer, RewardTrainer and
+    DPOTrainer on the lab models exported to Hugging Face format (lab.rlhf.trl_side), each
+    stage started from the same lab model and fed the same rows in the same order as the
+    written-out loop it mirrors; trained causal LMs come back as lab GPTs."""
+
+    def __init__(self, lab, bench):
+        self.lab, self.bench, self._c = lab, bench, {}
+
+    def _cached(self, key, make):
+        if key not in self._c:
+            self._c[key] = make()
+        return self._c[key]
+
+    def export(self, seed, which):
+        """The lab's base or SFT model of a seed as a Hugging Face directory with its tokenizer."""
+        b = self.bench
+        path = b.workdir / f"trl-seed{seed}" / which
+        return self._cached(("export", seed, which), lambda: export_hf(b.model(seed, which), path, tokenizer=b.tok))
+
+    def sft(self, seed):
+        def make():
+            b, s = self.bench, self.bench.s
+            prompts, answers = b.task.sft_examples(s.sft_examples, _gen(seed, "sft_data"))
+            run = trl_sft(
+                self.export(seed, "base"),
+                prompts,
+                answers,
+                steps=s.sft_steps,
+                batch_size=s.sft_batch_size,
+                lr=s.sft_lr,
+                seed=seed,
+                out_dir=b.workdir / f"trl-seed{seed}" / "sft-run",
+                device=self.lab.device,
+            )
+            return load_lab_from_hf(run.path).to(self.lab.device), run.history
+
+        return self._cached(("sft", seed), make)
+
+    def dpo(self, seed):
+        def make():
+            b, s = self.bench, self.bench.s
+            run = trl_dpo(
+                self.export(seed, "sft"),
+                b.train_pairs(seed)[0],
+                beta=s.dpo_beta,
+                steps=s.dpo_steps,
+                batch_size=s.dpo_batch_size,
+                lr=s.dpo_lr,
+                seed=seed,
+                out_dir=b.workdir / f"trl-seed{seed}" / "dpo-run",
+                device=self.lab.device,
+            )
+            return load_lab_from_hf(run.path).to(self.lab.device), run.history
+
+        return self._cached(("dpo", seed), make)
+
+    def reward(self, seed):
+        """(lab reward model, its history, trl run) on the largest training set, same steps."""
+
+        def make():
+            b, s = self.bench, self.bench.s
+            pairs, history = b.train_pairs(seed)[0][: max(s.rm_sizes)], []
+            kw = dict(steps=s.rm_steps, batch_size=s.rm_batch_size, lr=s.rm_lr, seed=seed)
+            lab_rm = train_reward_model(b.sft(seed)[0], b.tok, pairs, history=history, **kw)
+            run = trl_reward_model(
+                self.export(seed, "sft"),
+                pairs,
+                out_dir=b.workdir / f"trl-seed{seed}" / "rm-run",
+                device=self.lab.device,
+                **kw,
+            )
+            return lab_rm, history, run
+
+        return self._cached(("rm", seed), make)
+
+    def answers(self, seed, model):
+        """One sample per held-out eval prompt, with the sampling stream every m12 evaluation uses."""
+        b = self.bench
+        return sample_completions(
+            model, b.tok, b.eval_prompts(seed), max_new_tokens=b.s.max_new_tokens, generator=_gen(seed, "eval_samples")
+        )
+
+
+@pytest.fixture(scope="module")
+def trl_bench(lab, bench):
+    pytest.importorskip("trl")
+    return TrlBench(lab, bench)
+
+
+def _same(a, b) -> int:
+    return sum(x == y for x, y in zip(a, b))
+
+
+@prediction(
+    "trl's DPOTrainer, on the lab's SFT model exported, raises the held-out vowel score above the SFT model's, "
+    "as the written-out loop does",
+    metric="score_dpo_trl",
+    expect=greater_than("score_sft"),
+)
+@prediction(
+    "The two DPO paths give the same answer on at least 90% of held-out prompts (same start, batches, "
+    "optimizer and sampling stream)",
+    metric="dpo_same_answers",
+    expect=at_least(0.9),
+)
+@prediction(
+    "Their KL to the reference agrees: KL(trl DPO || SFT) / KL(lab DPO || SFT) within {low} to {high}",
+    metric="kl_ratio_trl_over_lab",
+    expect=between(0.9, 1.1),
+)
+@prediction(
+    "trl's SFTTrainer gives the same answer as the lab's SFT loop on at least 90% of held-out prompts",
+    metric="sft_same_answers",
+    expect=at_least(0.9),
+)
+@prediction(
+    "trl's RewardTrainer and the lab's reward model rank at least 95% of held-out pairs the same way",
+    metric="rm_same_ranking",
+    expect=at_least(0.95),
+)
+def test_trl_reproduces_the_written_out_loops(lab, bench, trl_bench, outcome):
+    """Do trl's SFTTrainer, RewardTrainer and DPOTrainer reproduce the written-out SFT, reward model and DPO?
+
+    The lab writes each post-training loop out in plain torch (lab.rlhf). Here the same
+    stages run through the library one would use at work: trl's trainers on the lab model
+    exported to Hugging Face format (GPT2LMHeadModel, with its tokenizer), each started from
+    the same lab model as the loop it mirrors (SFT from the seed's baby GPT; the reward
+    model and DPO from the lab's SFT model) and fed the same rows in the same order (the
+    lab's batch draws replayed, read sequentially), with the same optimizer (AdamW, betas
+    0.9/0.95, no weight decay, constant lr, no warm-up, no clipping), steps, seed and float32
+    numerics (trl's default is bfloat16 autocast). The reward model is a sequence
+    classifier with a zero-initialised head reading the answer's newline; DPO uses trl's
+    "sigmoid" loss at beta = dpo_beta against the SFT model frozen. Trained causal LMs come
+    back as lab GPTs, so one evaluation serves both paths: one sample per held-out prompt
+    from the same sampling stream, its vowel score, and KL(policy || SFT) on the policy's
+    own samples. same_answers = share of held-out prompts where the two paths' samples are
+    identical (a count per seed, judged with an exact binomial interval over all seeds'
+    prompts); rm_same_ranking = share of held-out pairs both reward models order the same
+    way (likewise). tests/test_side_by_side.py shows the losses equal on a fixed batch and
+    the trajectories equal step by step on a tiny model; this hypothesis asks whether that
+    still holds for the whole curriculum-12 budget, where float differences can compound.
+    Valid only if every trl run moved its loss and each started where the lab loop did
+    (its first-step loss within 1e-4 of the loop's: same weights, same first batch).
+    """
+    s = bench.s
+    beta = s.dpo_beta
+    rows, starts, trl_histories = [], [], {}
+    for seed in lab.seeds:
+        n = len(bench.eval_prompts(seed))
+        # SFT
+        lab_sft, trl_sft_model = bench.evaluate(seed, "sft"), trl_bench.sft(seed)[0]
+        trl_sft_answers = trl_bench.answers(seed, trl_sft_model)
+        outcome.record_fraction("sft_same_answers", _same(lab_sft["answers"], trl_sft_answers), n, seed=seed)
+        prompts = bench.eval_prompts(seed)
+        wf_trl = _mean(bench.task.well_formed(p, a) for p, a in zip(prompts, trl_sft_answers))
+        outcome.record("well_formed_sft_lab", lab_sft["well_formed"], seed=seed)
+        outcome.record("well_formed_sft_trl", wf_trl, seed=seed)
+        # reward model
+        lab_rm, rm_history, rm_run = trl_bench.reward(seed)
+        held = bench.held_pairs(seed)
+        hp = [p.prompt for p in held]
+        lab_margin = lab_rm.rewards(bench.tok, hp, [p.chosen for p in held]) - lab_rm.rewards(
+            bench.tok, hp, [p.rejected for p in held]
+        )
+        trl_margin = hf_rewards(rm_run.model, rm_run.tokenizer, hp, [p.chosen for p in held]) - hf_rewards(
+            rm_run.model, rm_run.tokenizer, hp, [p.rejected for p in held]
+        )
+        same_rank = int(((lab_margin > 0) == (trl_margin > 0)).sum())
+        outcome.record_fraction("rm_same_ranking", same_rank, len(held), seed=seed)
+        outcome.record("rm_acc_lab", pairwise_accuracy(lab_rm, bench.tok, held), seed=seed)
+        outcome.record("rm_acc_trl", hf_pairwise_accuracy(rm_run.model, rm_run.tokenizer, held), seed=seed)
+        # DPO
+        lab_dpo, (trl_policy, dpo_history) = bench.evaluate(seed, beta), trl_bench.dpo(seed)
+        trl_answers = trl_bench.answers(seed, trl_policy)
+        trl_kl = kl_estimate(trl_policy, bench.sft(seed)[0], bench.tok, prompts, trl_answers)
+        trl_score = _mean(vowel_fraction(a) for a in trl_answers)
+        outcome.record("score_sft", lab_sft["score"], seed=seed, unit="vowel fraction")
+        outcome.record("score_dpo_lab", lab_dpo["score"], seed=seed, unit="vowel fraction")
+        outcome.record("score_dpo_trl", trl_score, seed=seed, unit="vowel fraction")
+        outcome.record("gain_lab", lab_dpo["score"] - lab_sft["score"], seed=seed, unit="vowel fraction")
+        outcome.record("gain_trl", trl_score - lab_sft["score"], seed=seed, unit="vowel fraction")
+        outcome.record("kl_dpo_lab", lab_dpo["kl"].mean, seed=seed, unit="nats/answer")
+        outcome.record("kl_dpo_trl", trl_kl.mean, seed=seed, unit="nats/answer")
+        outcome.record("kl_ratio_trl_over_lab", trl_kl.mean / lab_dpo["kl"].mean, seed=seed)
+        outcome.record_fraction("dpo_same_answers", _same(lab_dpo["answers"], trl_answers), n, seed=seed)
+        histories = {
+            "SFT": (bench.sft(seed)[1], trl_bench.sft(seed)[1]),
+            "reward model": (rm_history, rm_run.history),
+            "DPO": (bench.dpo(seed, beta)[1], dpo_history),
+        }
+        for stage, (lab_h, trl_h) in histories.items():
+            trl_histories[f"trl {stage}, seed {seed}"] = trl_h
+            starts.append((stage, seed, lab_h[0]["loss"], trl_h[0]["loss"]))
+            rows.append(
+                {
+                    "seed": seed,
+                    "stage": stage,
+                    "lab loss, first -> last": f"{lab_h[0]['loss']:.4f} -> {lab_h[-1]['loss']:.4f}",
+                    "trl loss, first -> last": f"{trl_h[0]['loss']:.4f} -> {trl_h[-1]['loss']:.4f}",
+                    "largest per-step gap": f"{max(abs(a['loss'] - b['loss']) for a, b in zip(lab_h, trl_h)):.2e}",
+                }
+            )
+    outcome.table("losses", rows, caption="Training losses of the two paths, per stage and seed")
+    side = [
+        ("SFT well-formed share", "well_formed_sft_lab", "well_formed_sft_trl"),
+        ("reward-model held-out accuracy", "rm_acc_lab", "rm_acc_trl"),
+        ("vowel score after DPO", "score_dpo_lab", "score_dpo_trl"),
+        ("score gain over SFT", "gain_lab", "gain_trl"),
+        ("KL(policy || SFT), nats/answer", "kl_dpo_lab", "kl_dpo_trl"),
+    ]
+    values = outcome.measurements
+    outcome.table(
+        "side_by_side",
+        [
+            {
+                "outcome": label,
+                "written out (lab.rlhf)": round(_mean(values[a][sd] for sd in lab.seeds), 4),
+                "trl": round(_mean(values[b][sd] for sd in lab.seeds), 4),
+            }
+            for label, a, b in side
+        ],
+        caption="Means over seeds on held-out prompts and pairs",
+    )
+    seed = lab.seeds[0]
+    curves = {}
+    for label, h in (("lab DPO", bench.dpo(seed, beta)[1]), ("trl DPO", trl_bench.dpo(seed)[1])):
+        curves[label] = ([x["step"] for x in h], [x["loss"] for x in h])
+    outcome.plot_lines("dpo_loss_both_paths", curves, xlabel="DPO step", ylabel="DPO loss", title=f"seed {seed}")
+    outcome.require(
+        "each trl run started where the lab loop did",
+        all(abs(a - b) <= 1e-4 for _, _, a, b in starts),
+        "first-step losses (lab, trl): " + ", ".join(f"{st} s{sd} {a:.5f}/{b:.5f}" for st, sd, a, b in starts),
+    )
+    _require_fell(outcome, "every trl run", trl_histories)

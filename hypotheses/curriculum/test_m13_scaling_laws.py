@@ -131,6 +131,16 @@ class Family:
             )
         return self._cache["nd_boot"]
 
+    def require_trained(self, require, budgets) -> None:
+        """Validity: every size and seed at these budget indices trained (see require_trained)."""
+        runs = {
+            f"{_label(self.s.sizes[i])}, {self.s.budgets[j]} steps, seed {s}": self.run(i, j, s)
+            for j in budgets
+            for i in range(len(self.N))
+            for s in self.lab.seeds
+        }
+        require(runs, "every model", self.data)
+
     def need_budgets(self):
         if len(self.D) < 3:
             pytest.skip(
@@ -179,8 +189,8 @@ def _boot_note(outcome, boot, what):
     metric="alpha",
     expect=between(*ALPHA_PRIOR),
 )
-def test_loss_vs_params_power_law(lab, family, outcome):
-    """L(N): validation loss against non-embedding parameters at one token budget.
+def test_loss_vs_params_power_law(lab, family, outcome, require_trained):
+    """Does validation loss fall with model size as a power law, L(N) = E + A N^-alpha?
 
     Train each size of the profile's family (GPT-2 layout, widths and depths growing
     together) for the profile's largest budget of optimizer steps, the same batches-per-step
@@ -191,7 +201,7 @@ def test_loss_vs_params_power_law(lab, family, outcome):
     prediction is judged on the per-seed exponents. The pooled fit (all seeds) gets a
     bootstrap percentile interval from resampling seeds within each size. Monotonicity:
     per seed, the smallest loss drop between consecutive sizes (positive when every step
-    up in size helps).
+    up in size helps). Valid only if every run at that budget trained.
     """
     f, j = family, len(family.D) - 1
     per_seed = {}
@@ -212,8 +222,9 @@ def test_loss_vs_params_power_law(lab, family, outcome):
                 "the five points barely constrain it."
             )
     for i, n in enumerate(f.N):
-        outcome.record(f"N_{_label(f.s.sizes[i]).replace(' ', '_')}", n, unit="parameters")
-    outcome.record("tokens_per_run", f.D[j], unit="tokens")
+        outcome.record(f"N_{_label(f.s.sizes[i]).replace(' ', '_')}", n, unit="parameters", deterministic=True)
+    outcome.record("tokens_per_run", f.D[j], unit="tokens", deterministic=True)
+    f.require_trained(require_trained, [j])
     boot = f.n_boot()
     outcome.table(
         "fit",
@@ -270,8 +281,8 @@ def test_loss_vs_params_power_law(lab, family, outcome):
     metric="beta",
     expect=between(*BETA_PRIOR),
 )
-def test_loss_vs_params_and_data(lab, family, outcome):
-    """L(N, D): validation loss against parameters and training tokens (Chinchilla's form).
+def test_loss_vs_params_and_data(lab, family, outcome, require_trained):
+    """Does validation loss follow Chinchilla's L(N, D) = E + A N^-alpha + B D^-beta with exponents like theirs?
 
     Train every size of the family at every data budget of the profile (at least 3
     budgets; D = steps x batch x block tokens, well under one epoch on cpu, at most about
@@ -280,7 +291,8 @@ def test_loss_vs_params_and_data(lab, family, outcome):
     squares (E, A, B >= 0; exponents on a grid, then Nelder-Mead) to that seed's final
     validation losses; the predictions are judged on the per-seed exponents. The pooled
     fit gets bootstrap intervals from resampling seeds within each (N, D) cell. A profile
-    with fewer than 3 budgets skips (B and beta are not identifiable from two).
+    with fewer than 3 budgets skips (B and beta are not identifiable from two). Valid
+    only if every run at the largest budget trained.
     """
     f = family
     f.need_budgets()
@@ -304,6 +316,7 @@ def test_loss_vs_params_and_data(lab, family, outcome):
                 f"seed {seed}: an exponent sits at the edge of the search range "
                 f"(alpha {fit.alpha:.3g}, beta {fit.beta:.3g})."
             )
+    f.require_trained(require_trained, [len(f.D) - 1])
     boot = f.nd_boot()
     outcome.table(
         "fit",
@@ -359,8 +372,8 @@ def test_loss_vs_params_and_data(lab, family, outcome):
     metric="log10_tokens_per_param",
     expect=between(math.log10(RATIO_PRIOR[0]), math.log10(RATIO_PRIOR[1])),
 )
-def test_compute_optimal_tokens_per_param(lab, family, outcome):
-    """Compute-optimal tokens per parameter from L(N, D), against Chinchilla's ~20.
+def test_compute_optimal_tokens_per_param(lab, family, outcome, require_trained):
+    """How many training tokens per parameter does the L(N, D) fit call compute-optimal, against Chinchilla's ~20?
 
     From each seed's L(N, D) fit (the previous hypothesis' fits), minimise the loss under
     a compute budget C = 6 N D: N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = C / (6 N_opt),
@@ -370,12 +383,13 @@ def test_compute_optimal_tokens_per_param(lab, family, outcome):
     the per-seed ratios; the pooled fit's ratio gets a bootstrap interval (seeds resampled
     within each (N, D) cell). C counts 6 FLOPs per non-embedding parameter per token and
     leaves out attention's own FLOPs, as Chinchilla's approximation does. A profile with
-    fewer than 3 budgets skips.
+    fewer than 3 budgets skips. Valid only if every run at the largest budget trained.
     """
     f = family
     f.need_budgets()
     c = f.c_ref
-    outcome.record("C_ref", c, unit="FLOPs")
+    outcome.record("C_ref", c, unit="FLOPs", deterministic=True)
+    f.require_trained(require_trained, [len(f.D) - 1])
     c_grid = np.geomspace(FLOPS_PER_PARAM_TOKEN * min(f.N) * min(f.D), FLOPS_PER_PARAM_TOKEN * max(f.N) * max(f.D), 50)
     curves, rows = {}, []
     for seed in lab.seeds:

@@ -111,8 +111,8 @@ def bench(lab, char_data, llama_runs):
     metric="rtn_int2_delta",
     expect=at_least(0.5),
 )
-def test_rtn_loss_vs_bits(lab, bench, outcome):
-    """Post-training round-to-nearest quantization: val-loss increase vs bits.
+def test_rtn_loss_vs_bits(lab, bench, outcome, require_trained):
+    """How much validation loss does round-to-nearest weight quantization cost at 8, 4, 3 and 2 bits?
 
     Take the trained Llama-style GQA model (the inference hypotheses' model, profile
     sizes and steps) of each seed and quantize every Linear weight of its blocks to 8, 4,
@@ -121,6 +121,7 @@ def test_rtn_loss_vs_bits(lab, bench, outcome):
     the embedding) stay float32. The statistic is the val-loss increase over the float32
     model, on the same fixed validation batches, paired by seed. Weight bytes are those
     of the quantized matrices stored as packed b-bit codes plus one fp16 scale per row.
+    Valid only if every float32 model trained.
     """
     by_bits, bytes_by_bits = {}, {}
     for seed in lab.seeds:
@@ -133,8 +134,9 @@ def test_rtn_loss_vs_bits(lab, bench, outcome):
             bytes_by_bits[bits] = report.weight_bytes
             float_bytes = report.float_weight_bytes
     for bits in RTN_BITS:
-        outcome.record(f"rtn_int{bits}_weight_bytes", bytes_by_bits[bits], unit="bytes")
-    outcome.record("fp32_weight_bytes", float_bytes, unit="bytes")
+        outcome.record(f"rtn_int{bits}_weight_bytes", bytes_by_bits[bits], unit="bytes", deterministic=True)
+    outcome.record("fp32_weight_bytes", float_bytes, unit="bytes", deterministic=True)
+    require_trained({sd: bench.rtn(sd, None)[0] for sd in lab.seeds}, "each seed's float32 model")
 
     bits_axis = [32, *RTN_BITS]
     curves = {f"seed {s}": (bits_axis, [bench.rtn(s, None)[0]] + [by_bits[s][b] for b in RTN_BITS]) for s in lab.seeds}
@@ -188,8 +190,8 @@ def test_rtn_loss_vs_bits(lab, bench, outcome):
     metric="bnb_nf4_delta",
     expect=less_than("bnb_fp4_delta"),
 )
-def test_bitsandbytes_vs_rtn(lab, bench, outcome):
-    """bitsandbytes int8, NF4 and FP4 against round-to-nearest at the same bits.
+def test_bitsandbytes_vs_rtn(lab, bench, outcome, require_trained):
+    """Do bitsandbytes int8, NF4 and FP4 lose less than round-to-nearest at the same bits?
 
     Export each seed's trained model (as in the RTN hypothesis) to Hugging Face's
     LlamaForCausalLM and load it four ways through transformers: float32, LLM.int8
@@ -199,15 +201,18 @@ def test_bitsandbytes_vs_rtn(lab, bench, outcome):
     head unquantized, as the RTN hypothesis does. The statistic is each method's val-loss
     increase over the float32 export (the same fixed batches), paired by seed with the
     lab model's RTN int4 / int8 increase. Weight bytes count the stored codes plus their
-    scales (bitsandbytes' quant state), as measured from the loaded tensors.
+    scales (bitsandbytes' quant state), as measured from the loaded tensors. Valid only
+    if every float32 model trained and its Hugging Face export scores the same loss as
+    the lab model (within 1e-4 nats/char), so that the two baselines are one.
     """
-    rows, bytes_of, deltas = [], {}, {}
+    rows, bytes_of, deltas, export_gap = [], {}, {}, {}
     for seed in lab.seeds:
         path = bench.export(seed)
         hf32 = load_hf_causal_lm(path, device=lab.device)[0]
         base = bench.hf_loss(hf32)
         bytes_of["float32"] = hf_weight_bytes(hf32)
         lab_base = bench.rtn(seed, None)[0]
+        export_gap[seed] = abs(base - lab_base)
         row = {"seed": seed, "float32 (HF)": round(base, 4), "float32 (lab)": round(lab_base, 4)}
         for method in BNB_METHODS:
             q = load_bnb(path, method, device=lab.device)
@@ -227,7 +232,13 @@ def test_bitsandbytes_vs_rtn(lab, bench, outcome):
     n = bytes_of["float32"].float_weight_bytes / 4  # weights in the quantized matrices
     bpw = {m: 8 * bytes_of[m].weight_bytes / n for m in ("float32", *BNB_METHODS, "rtn8", "rtn4")}
     for m, v in bpw.items():
-        outcome.record(f"{m}_bits_per_weight", v, unit="bits")
+        outcome.record(f"{m}_bits_per_weight", v, unit="bits", deterministic=True)
+    require_trained({sd: bench.rtn(sd, None)[0] for sd in lab.seeds}, "each seed's float32 model")
+    outcome.require(
+        "the Hugging Face export scores the lab model's loss",
+        all(g < 1e-4 for g in export_gap.values()),
+        "|float32 loss (HF) - float32 loss (lab)| per seed: " + ", ".join(f"{g:.2e}" for g in export_gap.values()),
+    )
     outcome.table("losses", rows, caption="Val loss (nats/char) on the same fixed batches")
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     points = {
@@ -255,8 +266,8 @@ def test_bitsandbytes_vs_rtn(lab, bench, outcome):
     metric="qat_int4_loss",
     expect=less_than("control_int4_loss"),
 )
-def test_qat_recovers_int4_loss(lab, bench, char_data, outcome):
-    """Quantization-aware training: fine-tune through fake-quantized int4 weights.
+def test_qat_recovers_int4_loss(lab, bench, char_data, outcome, require_trained):
+    """Does quantization-aware training (fine-tuning through fake int4 weights) recover int4's loss?
 
     From each seed's trained model (as in the RTN hypothesis), fine-tune two copies on
     the training split for the profile's QAT steps with identical batches, AdamW,
@@ -269,10 +280,12 @@ def test_qat_recovers_int4_loss(lab, bench, char_data, outcome):
     (L(control, int4) - L(control, float32)): 1 means QAT's int4 model is as good as the
     float32 model trained as long, 0 means no better than quantizing after training.
     Also recorded: the naive recovery (L(base, int4) - L(QAT, int4)) / (L(base, int4) -
-    L(base, float32)), which credits the extra training to QAT.
+    L(base, float32)), which credits the extra training to QAT. Valid only if every
+    float32 model trained and the control's int4 gap, the denominator of gap_closed, is
+    positive in every seed.
     """
     s = bench.s
-    rows, curves = [], {}
+    rows, curves, gaps = [], {}, {}
     for seed in lab.seeds:
         model = bench.model(seed)
         base, _ = bench.rtn(seed, None)
@@ -295,6 +308,7 @@ def test_qat_recovers_int4_loss(lab, bench, char_data, outcome):
         outcome.record("control_int4_loss", l_ctl_q, seed=seed, unit="nats/char")
         outcome.record("control_fp32_loss", l_ctl, seed=seed, unit="nats/char")
         outcome.record("control_int4_gap", l_ctl_q - l_ctl, seed=seed, unit="nats/char")
+        gaps[seed] = l_ctl_q - l_ctl
         outcome.record("gap_closed", (l_ctl_q - l_qat) / (l_ctl_q - l_ctl), seed=seed)
         outcome.record("naive_recovery", (base_q - l_qat) / (base_q - base), seed=seed)
         rows.append(
@@ -316,6 +330,12 @@ def test_qat_recovers_int4_loss(lab, bench, char_data, outcome):
                 "so gap_closed divides by little more than evaluation noise."
             )
     outcome.table("losses", rows, caption=f"Val loss (nats/char) after {s.qat_steps} fine-tuning steps")
+    require_trained({sd: bench.rtn(sd, None)[0] for sd in lab.seeds}, "each seed's float32 model")
+    outcome.require(
+        "int4 costs the control something to recover",
+        all(g > 0 for g in gaps.values()),
+        "control int4 loss - control float32 loss per seed: " + ", ".join(f"{g:.4f}" for g in gaps.values()),
+    )
     outcome.plot_lines(
         "qat_curves",
         curves,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lab.report import at_least, at_most, greater_than, prediction
-from lab.stacks import STACK_NAMES, build_stacks, compare_greedy, random_prompt
+from lab.inference_stacks import STACK_NAMES, build_stacks, compare_greedy, random_prompt
+from lab.report import at_least, at_most, check, greater_than, prediction
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m15_inference_stacks]
 
@@ -68,7 +68,10 @@ class StacksBench:
         return self.prompt_of(min(self.s.prompt_lens))
 
     def decode_group(self) -> str:
-        return f"Inference stacks: greedy decode of {self.s.new_tokens} tokens after a {min(self.s.prompt_lens)}-token prompt"
+        return (
+            f"Inference stacks: greedy decode of {self.s.new_tokens} tokens after a {min(self.s.prompt_lens)}-token "
+            "prompt"
+        )
 
     @staticmethod
     def ttft_group(length: int) -> str:
@@ -101,7 +104,7 @@ def trained_stacks(lab, llama_runs):
 @pytest.mark.parametrize("length_index", [0, 1, 2, 3], ids=lambda i: f"prompt{i}")
 @pytest.mark.parametrize("stack", STACK_NAMES)
 def test_first_token_benchmark(lab, bench, benchmark, outcome, stack, length_index):
-    """First-token latency per stack: prefill plus one greedy token.
+    """How long does each stack take to the first token (prefill plus one greedy token)?
 
     Every stack decodes one token greedily after the same random prompt, at each of the
     profile's prompt lengths (16, 128 and 512 tokens on the cpu profile), on the same
@@ -129,7 +132,7 @@ def test_first_token_benchmark(lab, bench, benchmark, outcome, stack, length_ind
 
 @pytest.mark.parametrize("stack", STACK_NAMES)
 def test_decode_benchmark(lab, bench, benchmark, outcome, stack):
-    """Greedy decode throughput per stack.
+    """How many tokens per second does each stack decode greedily?
 
     Every stack greedily decodes the profile's new tokens (128 on the cpu profile) after
     the shortest prompt, on the same weights. tokens/s counts the tokens after the first
@@ -158,23 +161,25 @@ def test_decode_benchmark(lab, bench, benchmark, outcome, stack):
 # ------------------------------------------------------------------ correctness
 
 
-@prediction(
+@check(
     "{stack} produces exactly the lab model's greedy tokens on the same trained weights (no prompt differs)",
     metric="mismatched_sequences",
     expect=at_most(0),
 )
 @pytest.mark.parametrize("stack", OTHERS)
 def test_greedy_tokens_identical(lab, char_data, trained_stacks, outcome, stack):
-    """Correctness before speed: every stack decodes the same greedy tokens.
+    """Does every stack decode exactly the lab model's greedy tokens?
 
-    For each seed's trained Llama-style char model (profile.inference), take the profile's
-    validation prompts (profile.inference.prompt_len characters at fixed random offsets)
-    and decode greedily to the end of the model's context with the lab's GPT.generate and
-    with the stack. mismatched_sequences counts the (seed, prompt) pairs whose new tokens
-    differ anywhere: exact, so one mismatch refutes. agreement (per seed) is the share of
-    prompts that match; the first differing position is tabled. Float rounding differs
-    between the stacks (fused kernels, another attention implementation), so a near tie
-    may flip a token.
+    Correctness before speed: for each seed's trained Llama-style char model
+    (profile.inference), take the profile's validation prompts (prompt_len characters at
+    fixed random offsets) and decode greedily to the end of the model's context with the
+    lab's GPT.generate and with the stack. mismatched_sequences counts the (seed, prompt)
+    pairs whose new tokens differ anywhere: one exact count (fixed weights and prompts),
+    so one mismatch fails the check. A check, not a finding: the stacks compute the same
+    function of the same weights. agreement (per seed) is the share of prompts that
+    match; the first differing position is tabled. Float rounding differs between the
+    stacks (fused kernels, another attention implementation), so a near tie may flip a
+    token: the table tells such a flip from a bug.
     """
     s, inf = _scale(lab), lab.profile.inference
     val = char_data.val
@@ -201,23 +206,33 @@ def test_greedy_tokens_identical(lab, char_data, trained_stacks, outcome, stack)
             }
             for i, f in enumerate(cmp.first_mismatch)
         ]
-    outcome.record("mismatched_sequences", mismatched)
+    outcome.record("mismatched_sequences", mismatched, deterministic=True)
     outcome.table("first_mismatch", rows, caption=f"{n_new} new tokens per prompt; first index where {stack} differs")
 
 
 # ------------------------------------------------------------------ speed hypotheses
 
 
-def _interleaved_tps(bench, names, rounds) -> dict[str, list[float]]:
+def _interleaved_tps(bench, names, rounds, outcome) -> dict[str, list[float]]:
     """Decode tokens/s of each stack, one sample per round, the stacks interleaved within a
-    round (one untimed warm-up call each first)."""
+    round (one untimed warm-up call each first). Validity: every timed call decoded the
+    same greedy tokens (the stacks did the same work)."""
     stacks = {n: bench.stack(n) for n in names}
     for st in stacks.values():
         st.decode(bench.short, 2)
-    out = {n: [] for n in names}
+    out, tokens = {n: [] for n in names}, {n: set() for n in names}
     for _ in range(rounds):
         for n, st in stacks.items():
-            out[n].append(st.decode(bench.short, bench.s.new_tokens).tokens_per_s)
+            run = st.decode(bench.short, bench.s.new_tokens)
+            out[n].append(run.tokens_per_s)
+            tokens[n].add(tuple(run.tokens))
+    outcome.require(
+        "the timed stacks decode the same tokens",
+        len(set().union(*tokens.values())) == 1,
+        f"{bench.s.new_tokens} greedy tokens per call, every round: "
+        + ", ".join(f"{n}: {len(t)} distinct sequence(s)" for n, t in tokens.items())
+        + ("" if len(set().union(*tokens.values())) == 1 else " (they differ across stacks or rounds)"),
+    )
     return out
 
 
@@ -227,7 +242,7 @@ def _interleaved_tps(bench, names, rounds) -> dict[str, list[float]]:
     expect=at_least(1.0),
 )
 def test_static_vs_dynamic_cache(lab, bench, outcome):
-    """HF static cache vs dynamic cache, both uncompiled, same weights.
+    """Does Hugging Face's static cache decode as fast as its dynamic cache, both uncompiled?
 
     Greedily decode the profile's new tokens after the shortest prompt with transformers
     generate, eager attention, with the default dynamic cache (hf-eager) and with
@@ -235,8 +250,9 @@ def test_static_vs_dynamic_cache(lab, bench, outcome):
     interleaved for the profile's rounds. The statistic is the static / dynamic tokens/s
     ratio per round. A static cache preallocates and writes in place but attends over all
     its slots (masked) every step; its designed payoff is a fixed shape for torch.compile.
+    Valid only if both decode the same greedy tokens in every timed call.
     """
-    tps = _interleaved_tps(bench, ("hf-eager", "hf-static"), bench.s.rounds)
+    tps = _interleaved_tps(bench, ("hf-eager", "hf-static"), bench.s.rounds, outcome)
     for rnd, (d, st) in enumerate(zip(tps["hf-eager"], tps["hf-static"])):
         outcome.record("static_over_dynamic", st / d, seed=rnd)
         outcome.record("dynamic_tokens_per_s", d, seed=rnd, unit="tokens/s")
@@ -246,7 +262,8 @@ def test_static_vs_dynamic_cache(lab, bench, outcome):
 
 
 @prediction(
-    "torch.compile of the static-cache decode step decodes >= 1.2x faster than the same stack uncompiled, after warm-up",
+    "torch.compile of the static-cache decode step decodes >= 1.2x faster than the same stack uncompiled, after "
+    "warm-up",
     metric="compiled_over_static",
     expect=at_least(1.2),
 )
@@ -256,7 +273,7 @@ def test_static_vs_dynamic_cache(lab, bench, outcome):
     expect=at_least(1.2),
 )
 def test_compile_speedup(lab, bench, outcome):
-    """What torch.compile buys at decode time, after its compile (warm-up excluded).
+    """How much faster does torch.compile make decoding, after its compile (warm-up excluded)?
 
     Greedily decode the profile's new tokens after the shortest prompt with hf-eager
     (dynamic cache), hf-static (static cache, uncompiled) and torch-compile (the same
@@ -264,9 +281,10 @@ def test_compile_speedup(lab, bench, outcome):
     prefill stays eager), interleaved for the profile's rounds after one untimed call each
     (the compile itself happened when the stack was built). The statistics are
     tokens/s ratios per round. The cpu profile compiles with inductor; smoke with the
-    "eager" backend, which only traces.
+    "eager" backend, which only traces. Valid only if the three decode the same greedy
+    tokens in every timed call.
     """
-    tps = _interleaved_tps(bench, ("hf-eager", "hf-static", "torch-compile"), bench.s.rounds)
+    tps = _interleaved_tps(bench, ("hf-eager", "hf-static", "torch-compile"), bench.s.rounds, outcome)
     for rnd in range(bench.s.rounds):
         c = tps["torch-compile"][rnd]
         outcome.record("compiled_over_static", c / tps["hf-static"][rnd], seed=rnd)
@@ -283,7 +301,7 @@ def test_compile_speedup(lab, bench, outcome):
 )
 @pytest.mark.parametrize("stack", STACK_NAMES)
 def test_first_token_grows_with_prompt(lab, bench, outcome, stack):
-    """Time to first token vs prompt length, per stack.
+    """Does the time to first token grow with the prompt length, on every stack?
 
     Decode one greedy token after prompts of each of the profile's lengths (16, 128 and 512
     tokens on the cpu profile), shortest to longest, once per round for the profile's

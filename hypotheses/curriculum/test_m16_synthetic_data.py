@@ -136,11 +136,12 @@ def _loss_plot(outcome, bench, name, title):
     metric="synthetic_rise_per_generation",
     expect=at_least(0.03),
 )
-def test_real_loss_rises_over_synthetic_generations(lab, bench, outcome):
-    """Model collapse: real-text loss over generations trained on the previous model's text.
+def test_real_loss_rises_over_synthetic_generations(lab, bench, outcome, require_trained):
+    """Does real-text loss rise over generations each trained on the previous model's text?
 
-    Generation 0 is a small GPT (profile sizes) trained from scratch on the first
-    n_chars characters of tiny Shakespeare's training split. Generation k trains a fresh
+    Model collapse (Shumailov et al. 2024). Generation 0 is a small GPT (profile sizes)
+    trained from scratch on the first n_chars characters of tiny Shakespeare's training
+    split. Generation k trains a fresh
     model of the same size, steps and seed on n_chars characters sampled (temperature 1,
     no top-k: the model's own distribution) from generation k-1 in n_streams parallel streams,
     each extended window by window through the KV cache so every character is predicted
@@ -148,6 +149,7 @@ def test_real_loss_rises_over_synthetic_generations(lab, bench, outcome):
     through lab.data.prepare with the char tokenizer of the real corpus; every generation
     is scored on the same fixed batches of the REAL validation split. Statistics, per seed:
     the smallest rise between consecutive generations, and (L_last - L_0) / (G - 1).
+    Valid only if every generation-0 model trained.
     """
     s = bench.s
     rows = []
@@ -174,6 +176,7 @@ def test_real_loss_rises_over_synthetic_generations(lab, bench, outcome):
     outcome.note(
         "Sources: " + "; ".join(f"gen {g.generation}: {g.source}" for g in bench.chains[lab.seeds[0]]["synthetic"])
     )
+    require_trained({s: bench.losses(s, "synthetic")[0] for s in lab.seeds}, "each seed's generation 0")
 
 
 @prediction(
@@ -192,8 +195,8 @@ def test_real_loss_rises_over_synthetic_generations(lab, bench, outcome):
     metric="synthetic_real_word_fraction_change",
     expect=less_than(0.0),
 )
-def test_diversity_over_synthetic_generations(lab, bench, outcome):
-    """Diversity of what each generation writes.
+def test_diversity_over_synthetic_generations(lab, bench, outcome, require_trained):
+    """How does the diversity of what each generation writes change over synthetic generations?
 
     From each generation's model (the chains of the loss hypothesis), sample_chars
     characters sampled at temperature 1 are measured: character distinct-4 (unique 4-grams
@@ -202,11 +205,11 @@ def test_diversity_over_synthetic_generations(lab, bench, outcome):
     contains) and the share of the sample's words that occur in the real training split.
     All texts have the same length, since distinct-n falls with length. An unseen stretch
     of real training text of that length is the reference. Statistics, per seed: last
-    synthetic generation minus generation 0.
+    synthetic generation minus generation 0. Valid only if every generation-0 model trained.
     """
     s = bench.s
     for metric, value in bench.real_metrics.items():
-        outcome.record(f"real_{metric}", value)
+        outcome.record(f"real_{metric}", value, deterministic=True)  # a fixed stretch of real text
     for seed in lab.seeds:
         for cond in CONDITIONS:
             for k, m in enumerate(bench.div(seed, cond)):
@@ -224,7 +227,7 @@ def test_diversity_over_synthetic_generations(lab, bench, outcome):
         for cond in CONDITIONS:
             ax.plot(
                 gens,
-                bench.mean_over_seeds(lambda seed, c=cond: [m[metric] for m in bench.div(seed, c)]),
+                bench.mean_over_seeds(lambda seed, c=cond, metric=metric: [m[metric] for m in bench.div(seed, c)]),
                 marker="o",
                 label=LABELS[cond],
             )
@@ -264,6 +267,7 @@ def test_diversity_over_synthetic_generations(lab, bench, outcome):
     outcome.table(
         "samples", rows, caption=f"The first 160 characters each generation wrote (seed {seed}; ' / ' marks a newline)"
     )
+    require_trained({s: bench.losses(s, "synthetic")[0] for s in lab.seeds}, "each seed's generation 0")
 
 
 @prediction(
@@ -272,9 +276,10 @@ def test_diversity_over_synthetic_generations(lab, bench, outcome):
     expect=less_than("synthetic_last_val_loss"),
 )
 @prediction(
-    "Mixing halts the drift: the last mixed generation's real-text val loss is within 0.1 nats/char of gen 0's",
-    metric="mixed_last_minus_gen0",
-    expect=at_most(0.1),
+    "Mixing halts the drift: the mixed chain's last generation-to-generation rise in real-text val loss is at most "
+    "{bound} nats/char (no rise beyond run-to-run noise)",
+    metric="mixed_last_step_rise",
+    expect=at_most(0.005),
 )
 @prediction(
     "The mixed chain levels off: its last generation-to-generation rise is smaller than the synthetic chain's",
@@ -286,8 +291,8 @@ def test_diversity_over_synthetic_generations(lab, bench, outcome):
     metric="mixed_last_real_word_fraction",
     expect=greater_than("synthetic_last_real_word_fraction"),
 )
-def test_mixing_real_data_halts_collapse(lab, bench, outcome):
-    """Keeping half of every generation's training text real.
+def test_mixing_real_data_halts_collapse(lab, bench, outcome, require_trained):
+    """Does keeping half of every generation's training text real halt the drift?
 
     The mixed chain starts from the same generation 0 as the synthetic-only chain; its
     generation k trains on n_chars characters of which half are the first real characters
@@ -297,7 +302,11 @@ def test_mixing_real_data_halts_collapse(lab, bench, outcome):
     the synthetic-only chain, and every generation is scored on the same fixed batches of
     the real validation split. Statistics, per seed: the last generations' losses, paired;
     the mixed chain's last loss minus gen 0's; each chain's last generation-to-generation
-    rise; each chain's last sample's share of real words.
+    rise; each chain's last sample's share of real words. "Halts" is judged on the mixed
+    chain's last rise, which a halted chain keeps within run-to-run noise (0.005
+    nats/char, about the spread of one generation's loss over seeds); a chain whose loss
+    still rises every generation has not halted, however close to gen 0 it still is.
+    Valid only if every generation-0 model trained.
     """
     rows = []
     for seed in lab.seeds:
@@ -321,3 +330,4 @@ def test_mixing_real_data_halts_collapse(lab, bench, outcome):
     outcome.note(
         "Mixed sources: " + "; ".join(f"gen {g.generation}: {g.source}" for g in bench.chains[lab.seeds[0]]["mixed"])
     )
+    require_trained({s: bench.losses(s, "synthetic")[0] for s in lab.seeds}, "each seed's generation 0")

@@ -38,10 +38,11 @@ def _step_fn(lab, base, data, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_step_time_benchmark(lab, ft_base, milton_data, benchmark, outcome, method):
-    """Fine-tuning step time: full vs LoRA r=8 vs QLoRA r=8 on the same base (pytest-benchmark).
+    """How long does a fine-tuning step take: full vs LoRA r=8 vs QLoRA r=8 on the same base?
 
-    One AdamW step (batch sampling, forward, backward, update) per round after 3
-    warm-up steps; the three methods run in the same process, one after another.
+    Timed with pytest-benchmark: one AdamW step (batch sampling, forward, backward,
+    update) per round after 3 warm-up steps; the three methods run in the same process,
+    one after another.
     """
     benchmark.group = "track A: fine-tuning step (full vs LoRA vs QLoRA)"
     benchmark.extra_info["method"] = method
@@ -118,10 +119,11 @@ def _peak_memory(lab, base, data, method, tmp_path) -> int:
 )
 @prediction("QLoRA's training peak memory is below LoRA's", metric="qlora_peak", expect=less_than("lora_peak"))
 def test_peak_memory(lab, ft_base, milton_data, outcome, tmp_path):
-    """Peak memory of five fine-tuning steps per method, each in a fresh process.
+    """Does LoRA need less training memory than full fine-tuning, and QLoRA less than LoRA?
 
-    Each method (full, LoRA r=8, QLoRA r=8) runs in its own Python process so one
-    method's allocations cannot hide another's; on CPU the figure is the peak resident
+    Peak memory of five fine-tuning steps per method, each in a fresh process: each
+    method (full, LoRA r=8, QLoRA r=8) runs in its own Python process so one method's
+    allocations cannot hide another's; on CPU the figure is the peak resident
     set above the process's footprint before the model was loaded (allocator slack
     included), on CUDA the peak allocated bytes. Repeated once per profile seed.
     """

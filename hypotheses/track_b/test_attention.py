@@ -24,7 +24,7 @@ from lab.inspect.attention import (
 from lab.inspect.texts import repeated_random, windows
 from lab.models import GPT
 from lab.models.hf import load_hf_causal_lm
-from lab.report import at_least, at_most, greater_than, prediction
+from lab.report import at_least, at_most, check, greater_than, prediction
 from lab.report.plots import heatmap_grid, line_figure
 
 pytestmark = pytest.mark.track_b
@@ -63,7 +63,8 @@ def _causal(model) -> bool:
         pytest.param(
             "baby-gpt",
             marks=prediction(
-                "A char-level model grows a previous-token head: some head puts >= 50% of its attention on the previous character",
+                "A char-level model grows a previous-token head: some head puts >= 50% of its attention on the "
+                "previous character",
                 metric="max_neighbour_share",
                 expect=at_least(0.5),
             ),
@@ -71,87 +72,111 @@ def _causal(model) -> bool:
         pytest.param(
             "minilm",
             marks=prediction(
-                "MiniLM has a positional head (Clark et al. 2019 found them in BERT): some head puts >= 50% of its attention on the previous or next token",
+                "MiniLM has a positional head (Clark et al. 2019 found them in BERT): some head puts >= 50% of its "
+                "attention on the previous or next token",
                 metric="max_neighbour_share",
                 expect=at_least(0.5),
             ),
         ),
     ],
 )
-def test_heatmaps(request, model, outcome):
-    """Attention heatmaps per layer and head on real text.
+def test_heatmaps(request, model, outcome, require_subject_trained):
+    """Does some head attend mostly to the adjacent token (a previous-token or positional head)?
 
     Capture every layer's pattern on real text: the baby GPT on evenly spaced windows of
     the tiny-Shakespeare validation split (its full context), MiniLM on lines of it.
     Plot the layers x heads grid for the first input. For each head, average the share
     of attention each query puts on the adjacent token (previous; also next for the
     bidirectional MiniLM) over queries and inputs; max_neighbour_share is the largest
-    over heads. Baby GPT: one value per seed; MiniLM: one model, averaged over lines.
+    over heads. Baby GPT: one value per seed; MiniLM: one model and fixed lines, so one
+    exact value. Heatmaps per layer and head of the first input are plotted.
     """
     for seed, m, inputs, labels in _cases(request, model):
         pats = _pats(m, inputs)
         prev = per_head(offset_share, pats, offset=-1)
         share = prev if _causal(m) else torch.maximum(prev, per_head(offset_share, pats, offset=1))
-        outcome.record("max_neighbour_share", share.max().item(), seed=seed)
+        outcome.record("max_neighbour_share", share.max().item(), seed=seed, deterministic=seed is None)
         if seed in (None, 0):
             first = pats[0][:, 0]  # (layers, heads, T, T) of the first input
             L, H = first.shape[:2]
-            grid = [[first[l, h].numpy() for h in range(H)] for l in range(L)]
+            grid = [[first[layer, h].numpy() for h in range(H)] for layer in range(L)]
             outcome.plot(
                 "heatmaps",
                 heatmap_grid(
                     grid,
-                    row_labels=[f"layer {l}" for l in range(L)],
+                    row_labels=[f"layer {layer}" for layer in range(L)],
                     col_labels=[f"head {h}" for h in range(H)],
                     title=f"{model}: attention on the first input",
                 ),
                 caption="Rows: queries, columns: keys; brighter = more attention.",
             )
-            l, h = divmod(int(share.argmax()), H)
+            layer, h = divmod(int(share.argmax()), H)
             T = min(first.size(-1), 32)
             outcome.plot(
                 "strongest-neighbour-head",
                 heatmap_grid(
-                    [[first[l, h, :T, :T].numpy()]], tick_labels=labels[:T], title=f"layer {l} head {h}", cell=5.0
+                    [[first[layer, h, :T, :T].numpy()]],
+                    tick_labels=labels[:T],
+                    title=f"layer {layer} head {h}",
+                    cell=5.0,
                 ),
-                caption=f"The head with the largest neighbour share ({share[l, h]:.2f}), first {T} tokens.",
+                caption=f"The head with the largest neighbour share ({share[layer, h]:.2f}), first {T} tokens.",
             )
             outcome.table(
                 "neighbour-share",
                 [{"layer": i, **{f"head {j}": round(share[i, j].item(), 3) for j in range(H)}} for i in range(L)],
                 caption="Mean attention on the adjacent token per head.",
             )
+    require_subject_trained(model)
 
 
 @pytest.mark.parametrize("model", MODELS)
 @prediction(
-    "Early layers attend locally, later layers more broadly: mean attended distance is larger in the last layer than in the first",
+    "Early layers attend locally, later layers more broadly: mean attended distance is larger in the last layer "
+    "than in the first",
     metric="distance_last_minus_first",
     expect=greater_than(0),
 )
-def test_head_locality(request, model, outcome):
-    """Head comparison: attention entropy and mean attended distance per head.
+def test_head_locality(request, model, outcome, require_subject_trained):
+    """Do early layers attend locally and later layers more broadly?
 
     For each head, the attention-weighted distance |query - key| (in tokens) and the
     normalised entropy (1 = uniform over the visible keys, 0 = one key), averaged over
     queries >= 1 and inputs as in test_heatmaps. distance_last_minus_first = mean over
-    heads of the last layer's distance minus the first layer's.
+    heads of the last layer's distance minus the first layer's (MiniLM: one exact value).
     """
     rows = []
     for seed, m, inputs, _ in _cases(request, model):
         pats = _pats(m, inputs)
         dist = per_head(mean_distance, pats)
         ent = per_head(entropy, pats, causal=_causal(m))
-        outcome.record("distance_last_minus_first", (dist[-1].mean() - dist[0].mean()).item(), seed=seed)
-        for l in range(dist.size(0)):
-            rows.append({"seed": seed, "layer": l, "distance": dist[l].mean().item(), "entropy": ent[l].mean().item()})
+        outcome.record(
+            "distance_last_minus_first",
+            (dist[-1].mean() - dist[0].mean()).item(),
+            seed=seed,
+            deterministic=seed is None,
+        )
+        for layer in range(dist.size(0)):
+            rows.append(
+                {
+                    "seed": seed,
+                    "layer": layer,
+                    "distance": dist[layer].mean().item(),
+                    "entropy": ent[layer].mean().item(),
+                }
+            )
         if seed in (None, 0):
             import matplotlib.pyplot as plt
 
             fig, ax = plt.subplots(figsize=(6.4, 4.0))
             L = dist.size(0)
-            for l in range(L):
-                ax.scatter(dist[l].numpy(), ent[l].numpy(), label=f"layer {l}", color=plt.cm.viridis(l / max(L - 1, 1)))
+            for layer in range(L):
+                ax.scatter(
+                    dist[layer].numpy(),
+                    ent[layer].numpy(),
+                    label=f"layer {layer}",
+                    color=plt.cm.viridis(layer / max(L - 1, 1)),
+                )
             ax.set_xlabel("mean attended distance (tokens)")
             ax.set_ylabel("normalised entropy")
             ax.set_title(f"{model}: one point per head")
@@ -160,7 +185,9 @@ def test_head_locality(request, model, outcome):
             outcome.plot("heads", fig)
     seeds = sorted({r["seed"] for r in rows}, key=lambda s: -1 if s is None else s)
     layers = sorted({r["layer"] for r in rows})
-    mean = {k: [np.mean([r[k] for r in rows if r["layer"] == l]) for l in layers] for k in ("distance", "entropy")}
+    mean = {
+        k: [np.mean([r[k] for r in rows if r["layer"] == layer]) for layer in layers] for k in ("distance", "entropy")
+    }
     outcome.plot_lines(
         "distance-by-layer",
         {"mean attended distance": (layers, mean["distance"])},
@@ -171,10 +198,11 @@ def test_head_locality(request, model, outcome):
     outcome.table(
         "by-layer",
         [
-            {"layer": l, "distance": round(mean["distance"][i], 2), "entropy": round(mean["entropy"][i], 3)}
-            for i, l in enumerate(layers)
+            {"layer": layer, "distance": round(mean["distance"][i], 2), "entropy": round(mean["entropy"][i], 3)}
+            for i, layer in enumerate(layers)
         ],
     )
+    require_subject_trained(model)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -183,26 +211,27 @@ def test_head_locality(request, model, outcome):
     metric="sink_head_fraction",
     expect=at_least(0.5),
 )
-def test_attention_sink(request, model, outcome):
-    """Layer progression of attention, and attention sinks.
+def test_attention_sink(request, model, outcome, require_subject_trained):
+    """Do most heads sink their attention onto the first token?
 
     The share of attention on the first token (the baby GPT: whatever character a
     window starts with; MiniLM: [CLS]), per head, averaged over queries >= 16 for the
     baby GPT (uniform attention would give each key at most 1/17) and over all queries
-    >= 1 for MiniLM. sink_head_fraction = fraction of heads whose share is >= 0.2.
-    The plots follow the share, the entropy and the distance layer by layer.
+    >= 1 for MiniLM. sink_head_fraction = fraction of heads whose share is >= 0.2: a
+    count of heads, judged with an exact binomial interval over all heads (of every seed's
+    model for the baby GPT). The plot follows the share layer by layer.
     """
     curves = {}
     for seed, m, inputs, _ in _cases(request, model):
         pats = _pats(m, inputs)
         min_q = SINK_MIN_QUERY if _causal(m) else 1
         sink = per_head(key_share, pats, key=0, min_query=min_q)
-        outcome.record("sink_head_fraction", (sink >= 0.2).float().mean().item(), seed=seed)
-        outcome.record("first_token_share", sink.mean().item(), seed=seed)
+        outcome.record_fraction("sink_head_fraction", int((sink >= 0.2).sum()), sink.numel(), seed=seed)
+        outcome.record("first_token_share", sink.mean().item(), seed=seed, deterministic=seed is None)
         curves[seed] = sink.mean(1).numpy()
         if not _causal(m):
             last = [p[..., -1].mean(dim=(1, 3)) for p in pats]  # [SEP], per (layer, head)
-            outcome.record("sep_share", torch.stack(last).mean().item())
+            outcome.record("sep_share", torch.stack(last).mean().item(), deterministic=True)
     layers = list(range(len(next(iter(curves.values())))))
     T = inputs[0].size(1)
     base = uniform_pattern(T, causal=_causal(m))
@@ -220,6 +249,7 @@ def test_attention_sink(request, model, outcome):
     )
     if not _causal(m):
         outcome.note("sep_share: the mean attention on the final [SEP] token, the other sink BERT is known for.")
+    require_subject_trained(model)
 
 
 @torch.no_grad()
@@ -239,7 +269,8 @@ def _induction_losses(model, seqs, period):
             "trained",
             marks=[
                 prediction(
-                    "A trained model has an induction head: some head scores >= 0.3 (attention from a repeated token to the token after its first occurrence)",
+                    "A trained model has an induction head: some head scores >= 0.3 (attention from a repeated "
+                    "token to the token after its first occurrence)",
                     metric="max_induction_score",
                     expect=at_least(0.3),
                 ),
@@ -254,7 +285,8 @@ def _induction_losses(model, seqs, period):
             "trained-text",
             marks=[
                 prediction(
-                    "On repeated real text (added after the random-sequence result): the repeat still helps, second-repeat loss at most 0.9 of the first",
+                    "On repeated real text (added after the random-sequence result): the repeat still helps, "
+                    "second-repeat loss at most 0.9 of the first",
                     metric="repeat_loss_ratio",
                     expect=at_most(0.9),
                 ),
@@ -263,12 +295,12 @@ def _induction_losses(model, seqs, period):
         pytest.param(
             "untrained",
             marks=[
-                prediction(
+                check(
                     "Control: at initialisation no head is an induction head (max score < 0.1)",
                     metric="max_induction_score",
                     expect=at_most(0.1),
                 ),
-                prediction(
+                check(
                     "Control: at initialisation the repeat does not help (loss ratio >= 0.9)",
                     metric="repeat_loss_ratio",
                     expect=at_least(0.9),
@@ -277,8 +309,8 @@ def _induction_losses(model, seqs, period):
         ),
     ],
 )
-def test_induction_heads(lab, baby_runs, char_data, state, outcome):
-    """Induction heads on repeated random sequences.
+def test_induction_heads(lab, baby_runs, char_data, state, outcome, require_trained):
+    """Does the trained baby GPT copy a repeated sequence in context, with an induction head?
 
     Draw induction_batches sequences of induction_period uniformly random characters and
     repeat each once (2 x period <= the context). Induction score of a head (Olsson et
@@ -288,9 +320,20 @@ def test_induction_heads(lab, baby_runs, char_data, state, outcome):
     architecture at initialisation (same seed), one model per seed. "trained-text" repeats
     the first induction_period characters of evenly spaced validation windows instead:
     in-distribution text, where the first half is already partly predictable.
+
+    The second half differs from the first in more than the repeat: it starts at a seam
+    (the end of a stretch joined to its own start), which the model reads as contiguous
+    text, so the characters right after the seam are predicted from a context that makes
+    no sense. Control: the same first halves, each followed by another row's first half
+    (the same kind of seam, no repeat). splice_loss_ratio = the control's second-half loss
+    / the first half's; repeat_over_splice = second-half loss with the repeat / without
+    it, the copying gain net of the seam (1 = the repeat does not help at all). The
+    untrained controls are checks, not findings: random weights cannot have learned to
+    copy. The trained states are valid only if each seed's baby GPT trained.
     """
     s = lab.profile.inspect
-    per_pos = []
+    P = s.induction_period
+    per_pos, per_pos_control, over_splice = [], [], []
     for seed, run in baby_runs.items():
         if state == "untrained":
             torch.manual_seed(seed)
@@ -302,35 +345,61 @@ def test_induction_heads(lab, baby_runs, char_data, state, outcome):
             seqs = torch.cat([first, first], dim=1)
         else:
             seqs = repeated_random(s.induction_batches, s.induction_period, char_data.vocab_size, seed=1000 + seed)
+        control = torch.cat([seqs[:, :P], seqs[:, :P].roll(1, dims=0)], dim=1)  # the same seam, no repeat
         pats = patterns(model, seqs)
-        score = per_head(induction_score, pats, period=s.induction_period)
-        first, second, curve = _induction_losses(model, seqs, s.induction_period)
+        score = per_head(induction_score, pats, period=P)
+        first, second, curve = _induction_losses(model, seqs, P)
+        _, spliced, curve_control = _induction_losses(model, control, P)
         outcome.record("max_induction_score", score.max().item(), seed=seed)
         outcome.record("repeat_loss_ratio", second / first, seed=seed)
         outcome.record("first_repeat_loss", first, seed=seed, unit="nats")
         outcome.record("second_repeat_loss", second, seed=seed, unit="nats")
+        outcome.record("splice_loss_ratio", spliced / first, seed=seed)
+        over_splice.append(outcome.record("repeat_over_splice", second / spliced, seed=seed))
         per_pos.append(curve)
+        per_pos_control.append(curve_control)
         if seed == lab.seeds[0]:
             L, H = score.shape
             outcome.table(
                 "induction-scores",
-                [{"layer": l, **{f"head {h}": round(score[l, h].item(), 3) for h in range(H)}} for l in range(L)],
+                [
+                    {"layer": layer, **{f"head {h}": round(score[layer, h].item(), 3) for h in range(H)}}
+                    for layer in range(L)
+                ],
                 caption=f"Seed {seed}, {state}.",
             )
-            l, h = divmod(int(score.argmax()), H)
+            layer, h = divmod(int(score.argmax()), H)
             outcome.plot(
                 "top-head",
-                heatmap_grid([[pats[l, 0, h].numpy()]], title=f"layer {l} head {h} on one repeated sequence", cell=4.0),
+                heatmap_grid(
+                    [[pats[layer, 0, h].numpy()]], title=f"layer {layer} head {h} on one repeated sequence", cell=4.0
+                ),
                 caption="An induction head shows as a stripe one above the diagonal offset by the period.",
             )
-    xs = list(range(1, 2 * s.induction_period))
+    if state != "untrained":
+        require_trained(baby_runs, "each seed's baby GPT")
+    xs = list(range(1, 2 * P))
     outcome.plot_lines(
         "loss-by-position",
-        {state: (xs, np.mean(per_pos, axis=0))},
+        {
+            f"{state}: repeated": (xs, np.mean(per_pos, axis=0)),
+            f"{state}: control, another row after the seam": (xs, np.mean(per_pos_control, axis=0)),
+        },
         xlabel="position of the predicted token",
         ylabel="loss (nats), mean over sequences and seeds",
-        title=f"{state}: random sequence, then its repeat",
+        title=f"{state}: a sequence, then its repeat (seam at {P})",
         hlines={"ln V (uniform guess)": float(np.log(char_data.vocab_size))},
+        caption="The control has the same first half and the same kind of seam, but no repeat.",
+    )
+    outcome.note(
+        f"Second-half loss with the repeat / without it (after the same kind of seam): "
+        f"{np.mean(over_splice):.3f}, mean over seeds (1 = the repeat does not help at all)."
+        + (
+            ""
+            if state == "untrained"
+            else " repeat_loss_ratio also carries the seam's own cost: the characters right after it are predicted "
+            "from a context that joins the end of a stretch to its start, which the model reads as contiguous text."
+        )
     )
 
 
@@ -340,8 +409,8 @@ def test_induction_heads(lab, baby_runs, char_data, state, outcome):
     metric="last_minus_max_other",
     expect=greater_than(0),
 )
-def test_finetune_attention_shift(lab, ft_base, ft_runs, milton_data, method, outcome):
-    """Base vs fine-tuned attention (Track A's models).
+def test_finetune_attention_shift(lab, ft_base, ft_runs, milton_data, method, outcome, require_finetuned):
+    """Does fine-tuning change attention most in the last layer?
 
     Track A's base (Llama-style GQA, pretrained on Shakespeare, Hugging Face format) and
     its Milton fine-tunes (full, or LoRA rank 8 merged), one per fine-tuning seed. On
@@ -349,7 +418,8 @@ def test_finetune_attention_shift(lab, ft_base, ft_runs, milton_data, method, ou
     both models and take the Jensen-Shannon divergence between them query by query
     (nats; 0 = identical, ln 2 = disjoint), averaged per layer over heads, queries >= 1
     and windows. last_minus_max_other = the last layer's divergence minus the largest
-    other layer's.
+    other layer's. Base vs fine-tuned: Track A's models. Valid only if the base learned
+    Shakespeare and every fine-tuning run moved its Milton loss.
     """
     f = lab.profile.finetune
     idx, _ = windows(milton_data.val, lab.profile.inspect.n_windows, f.base.block_size)
@@ -359,7 +429,7 @@ def test_finetune_attention_shift(lab, ft_base, ft_runs, milton_data, method, ou
     curves = {}
     for seed, result in runs.items():
         tuned = load_finetuned(result, merge=True)
-        js = torch.stack([js_divergence(base_pats[l], p).mean() for l, p in enumerate(patterns(tuned, idx))])
+        js = torch.stack([js_divergence(base_pats[layer], p).mean() for layer, p in enumerate(patterns(tuned, idx))])
         outcome.record("last_minus_max_other", (js[-1] - js[:-1].max()).item(), seed=seed)
         outcome.record("mean_js", js.mean().item(), seed=seed, unit="nats")
         curves[f"seed {seed}"] = (list(range(len(js))), js.numpy())
@@ -370,3 +440,4 @@ def test_finetune_attention_shift(lab, ft_base, ft_runs, milton_data, method, ou
         ylabel="JS divergence base vs fine-tuned (nats)",
         title=f"{method} fine-tuning on Milton",
     )
+    require_finetuned({method: runs})

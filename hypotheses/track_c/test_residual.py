@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lab.inspect import adapter, run_with_cache
+from lab.inspect.probes import control_labels, fit_probe
 from lab.inspect.properties import stack_labels
 from lab.inspect.residual import (
     ablation_losses,
@@ -23,8 +24,8 @@ from lab.inspect.residual import (
     write_norms,
 )
 from lab.inspect.texts import windows
-from lab.probes import control_labels, fit_probe
-from lab.report import at_least, at_most, between, greater_than, prediction
+from lab.report import CONFIRMED, at_least, at_most, between, greater_than, prediction
+from lab.report.intervals import point
 from lab.report.plots import bar_figure, heatmap_grid, scatter_grid
 
 pytestmark = pytest.mark.track_c
@@ -58,20 +59,23 @@ def _caches(request, which, names):
     expect=greater_than(1),
 )
 @prediction("... and grows at every block", metric="monotone_fraction", expect=at_least(1.0))
-def test_residual_norm_growth(request, model, outcome):
-    """Residual-stream norms through the layers.
+def test_residual_norm_growth(request, model, outcome, require_subject_trained):
+    """Does the residual stream's norm grow through the layers?
 
     Mean L2 norm of the per-token stream vector at block 0's input (the embedding) and
     after every block, over the validation windows (baby GPT, per seed) or lines of
     text (MiniLM). growth_ratio = last / first; monotone_fraction = share of blocks
-    after which the norm is larger than before. MiniLM is post-norm (BERT): each block
-    ends in a LayerNorm, so its stream is renormalised at every block.
+    after which the norm is larger than before, a count of blocks judged with an exact
+    binomial interval over all blocks (of every seed's model). MiniLM is post-norm
+    (BERT): each block ends in a LayerNorm, so its stream is renormalised at every block.
+    MiniLM is one model on fixed lines: its growth_ratio is one exact value.
     """
     lines = {}
     for seed, n, caches in _caches(request, model, stream_names):
         norms = np.mean([stream_norms(c, n) for c in caches], axis=0)
-        outcome.record("growth_ratio", norms[-1] / norms[0], seed=seed)
-        outcome.record("monotone_fraction", monotone_fraction(list(norms)), seed=seed)
+        outcome.record("growth_ratio", norms[-1] / norms[0], seed=seed, deterministic=seed is None)
+        rising = round(monotone_fraction(list(norms)) * n)  # n blocks, n + 1 depths
+        outcome.record_fraction("monotone_fraction", rising, n, seed=seed, unit="share of blocks")
         lines["MiniLM" if seed is None else f"seed {seed}"] = (list(range(n + 1)), norms)
     outcome.plot_lines(
         "norms",
@@ -80,6 +84,7 @@ def test_residual_norm_growth(request, model, outcome):
         ylabel="mean L2 norm",
         title=f"{model}: residual-stream norm",
     )
+    require_subject_trained(model)
 
 
 def _write_names(n):
@@ -88,28 +93,29 @@ def _write_names(n):
 
 @pytest.mark.parametrize("model", MODELS)
 @prediction(
-    "The seed's prediction: the FFN writes more into the stream than attention (mean write norm ratio FFN / attention > 1)",
+    "The seed's prediction: the FFN writes more into the stream than attention (mean write norm ratio FFN / "
+    "attention > 1)",
     metric="write_ratio",
     expect=greater_than(1),
 )
-def test_ffn_writes_more(request, model, outcome):
-    """FFN vs attention contribution, by the size of what each writes.
+def test_ffn_writes_more(request, model, outcome, require_subject_trained):
+    """Does the FFN write more into the residual stream than attention?
 
     Mean L2 norm of hook_mlp_out and hook_attn_out per token and layer (for MiniLM:
     each sub-layer's output projection, before the add & LayerNorm), over the same
     inputs as the norm test. write_ratio = mean over layers of the FFN's norm / mean
-    of attention's.
+    of attention's (MiniLM: one exact value).
     """
     rows = []
     for seed, n, caches in _caches(request, model, _write_names):
         w = {k: np.mean([write_norms(c, n)[k] for c in caches], axis=0) for k in ("attn", "mlp")}
-        outcome.record("write_ratio", w["mlp"].mean() / w["attn"].mean(), seed=seed)
+        outcome.record("write_ratio", w["mlp"].mean() / w["attn"].mean(), seed=seed, deterministic=seed is None)
         rows += [
             {"seed": seed, "layer": i, "attention": round(float(w["attn"][i]), 3), "FFN": round(float(w["mlp"][i]), 3)}
             for i in range(n)
         ]
     layers = sorted({r["layer"] for r in rows})
-    mean = {k: [np.mean([r[k] for r in rows if r["layer"] == l]) for l in layers] for k in ("attention", "FFN")}
+    mean = {k: [np.mean([r[k] for r in rows if r["layer"] == layer]) for layer in layers] for k in ("attention", "FFN")}
     outcome.plot_lines(
         "write-norms",
         {k: (layers, v) for k, v in mean.items()},
@@ -118,6 +124,7 @@ def test_ffn_writes_more(request, model, outcome):
         title=f"{model}: what each sub-layer adds",
     )
     outcome.table("write-norms", rows)
+    require_subject_trained(model)
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])
@@ -126,8 +133,8 @@ def test_ffn_writes_more(request, model, outcome):
     metric="ablation_gap",
     expect=greater_than(0),
 )
-def test_ffn_ablation_costs_more(baby_runs, inspect_windows, mode, outcome):
-    """FFN vs attention contribution, by ablation.
+def test_ffn_ablation_costs_more(baby_runs, inspect_windows, mode, outcome, require_trained):
+    """Does removing a layer's FFN cost more loss than removing its attention?
 
     On the validation windows, the baby GPT's next-token loss with one sub-layer's write
     replaced, one layer at a time: by zeros ("zero"), or by its mean over these windows
@@ -146,6 +153,7 @@ def test_ffn_ablation_costs_more(baby_runs, inspect_windows, mode, outcome):
         per_seed.append((attn, mlp))
     attn = np.mean([a for a, _ in per_seed], axis=0)
     mlp = np.mean([m for _, m in per_seed], axis=0)
+    require_trained(baby_runs, "each seed's baby GPT")
     labels = [f"L{i} {part}" for i in range(len(attn)) for part in ("attn", "FFN")]
     values = [v for pair in zip(attn, mlp) for v in pair]
     outcome.plot(
@@ -157,17 +165,19 @@ def test_ffn_ablation_costs_more(baby_runs, inspect_windows, mode, outcome):
 
 
 @prediction(
-    "Neighbouring positions are more alike than distant ones, at every depth (cosine at distance 1 minus mean at distance >= T/2, minimum over depths > 0)",
+    "Neighbouring positions are more alike than distant ones, at every depth (cosine at distance 1 minus mean at "
+    "distance >= T/2, minimum over depths > 0)",
     metric="near_minus_far_min",
     expect=greater_than(0),
 )
 @prediction(
-    "The stream becomes more anisotropic with depth: mean cosine between positions is higher after the last block than at the embedding",
+    "The stream becomes more anisotropic with depth: mean cosine between positions is higher after the last block "
+    "than at the embedding",
     metric="anisotropy_growth",
     expect=greater_than(0),
 )
-def test_position_similarity(baby_runs, inspect_windows, outcome):
-    """Token-position similarity across layers.
+def test_position_similarity(baby_runs, inspect_windows, outcome, require_trained):
+    """Are neighbouring positions more alike than distant ones, and does the stream grow anisotropic with depth?
 
     For each depth, the (T x T) cosine similarity between the stream at positions i and
     j of the same window, averaged over the validation windows; then its mean at each
@@ -175,6 +185,7 @@ def test_position_similarity(baby_runs, inspect_windows, outcome):
     distances >= T/2; anisotropy = mean similarity over all pairs i != j.
     """
     idx, _ = inspect_windows
+    require_trained(baby_runs, "each seed's baby GPT")
     for seed, run in baby_runs.items():
         n = run.model.config.n_layer
         _, cache = run_with_cache(run.model, idx, stream_names(n))
@@ -208,11 +219,12 @@ def test_position_similarity(baby_runs, inspect_windows, outcome):
 
 
 PROPERTIES = {
-    # property: (best_depth_fraction expectation, selectivity expectation, why)
+    # property: (the depths, as depth / blocks, where it should be read best; selectivity expectation; why)
     "is_vowel": (
         at_most(0.0),
         between(-0.05, 0.05),
-        "a property of the token itself: best read at the embedding, and a type-level control task is just as learnable (selectivity within 0.05 of 0)",
+        "a property of the token itself: best read at the embedding, and a type-level control task is just as "
+        "learnable (selectivity within 0.05 of 0)",
     ),
     "previous_char": (
         at_least(0.25),
@@ -239,7 +251,12 @@ def _probe_params():
             pytest.param(
                 prop,
                 marks=[
-                    prediction(f"{prop}: {why} (best depth)", metric="best_depth_fraction", expect=depth_exp),
+                    prediction(
+                        f"{prop}: {why} (best depth: the probe's best accuracy where "
+                        f"{depth_exp.describe('depth / blocks')} beats its best at every other depth)",
+                        metric="best_depth_margin",
+                        expect=greater_than(0.0),
+                    ),
                     prediction(f"{prop}: {why} (selectivity at the best depth)", metric="selectivity", expect=sel_exp),
                 ],
             )
@@ -248,8 +265,8 @@ def _probe_params():
 
 
 @pytest.mark.parametrize("prop", _probe_params())
-def test_linear_probes(lab, baby_runs, char_data, prop, outcome):
-    """Linear probes per layer, with a control task.
+def test_linear_probes(lab, baby_runs, char_data, prop, outcome, require_trained):
+    """At which depth does a linear probe best read each property, and does it beat a control task?
 
     2 x probe_windows validation windows (the model's context); even ones train the
     probe, odd ones test it; every position with a defined label is a sample. Labels
@@ -260,7 +277,11 @@ def test_linear_probes(lab, baby_runs, char_data, prop, outcome):
     and, with the same features, on Hewitt & Liang's control task (each character type
     mapped to a random label with the property's label frequencies). selectivity =
     accuracy - control accuracy at the best depth; best_depth_fraction = best depth /
-    number of blocks.
+    number of blocks. The depth claim is judged on best_depth_margin = the best held-out
+    accuracy at the depths where the property should be read best minus the best at the
+    other depths (positive when the best depth is in the predicted range; 0 when the two
+    tie, e.g. both perfect). Valid only if each seed's baby GPT trained and its probe at
+    the best depth beats the majority label.
     """
     s = lab.profile.inspect
     T = lab.profile.pretraining.baby.block_size
@@ -269,7 +290,8 @@ def test_linear_probes(lab, baby_runs, char_data, prop, outcome):
     texts = [tok.decode(row.tolist()) for row in idx]
     y_all = stack_labels(texts, tok.stoi)[prop]
     split = {"train": slice(0, None, 2), "test": slice(1, None, 2)}
-    curves = {}
+    depth_range = PROPERTIES[prop][0]
+    curves, above_majority = {}, {}
     for seed, run in baby_runs.items():
         n = run.model.config.n_layer
         _, cache = run_with_cache(run.model, idx, stream_names(n))
@@ -289,7 +311,11 @@ def test_linear_probes(lab, baby_runs, char_data, prop, outcome):
             acc.append(real.accuracy)
             ctl.append(control.accuracy)
         best = int(np.argmax(acc))
+        inside = [d for d in range(n + 1) if depth_range.judge(point(d / n)) == CONFIRMED]
+        outside = [d for d in range(n + 1) if d not in inside]
+        outcome.record("best_depth_margin", max(acc[d] for d in inside) - max(acc[d] for d in outside), seed=seed)
         outcome.record("best_depth_fraction", best / n, seed=seed)
+        above_majority[f"seed {seed}"] = (acc[best], real.majority)
         outcome.record("selectivity", acc[best] - ctl[best], seed=seed)
         outcome.record("best_accuracy", acc[best], seed=seed)
         outcome.record("control_accuracy", ctl[best], seed=seed)
@@ -309,6 +335,13 @@ def test_linear_probes(lab, baby_runs, char_data, prop, outcome):
         title=f"probing {prop}",
         hlines={"majority label": real.majority},
     )
+    require_trained(baby_runs, "each seed's baby GPT")
+    outcome.require(
+        "the probe beats the majority label at its best depth",
+        all(a > m for a, m in above_majority.values()),
+        "held-out accuracy vs majority-label accuracy: "
+        + ", ".join(f"{k} {a:.3f} vs {m:.3f}" for k, (a, m) in above_majority.items()),
+    )
 
 
 @prediction(
@@ -316,8 +349,8 @@ def test_linear_probes(lab, baby_runs, char_data, prop, outcome):
     metric="min_top10pct_explained",
     expect=at_least(0.5),
 )
-def test_pca(baby_runs, inspect_windows, char_data, outcome):
-    """PCA of the residual stream per layer.
+def test_pca(baby_runs, inspect_windows, char_data, outcome, require_trained):
+    """Do a few principal directions dominate the residual stream at every depth?
 
     Principal components of the stream's per-token vectors over the validation windows
     at each depth. min_top10pct_explained = the smallest, over depths, of the variance
@@ -328,6 +361,7 @@ def test_pca(baby_runs, inspect_windows, char_data, outcome):
     idx, _ = inspect_windows
     tok = char_data.tokenizer
     line = stack_labels([tok.decode(r.tolist()) for r in idx], tok.stoi)["line_position"].reshape(-1)
+    require_trained(baby_runs, "each seed's baby GPT")
     for seed, run in baby_runs.items():
         n, d = run.model.config.n_layer, run.model.config.n_embd
         _, cache = run_with_cache(run.model, idx, stream_names(n))
@@ -365,19 +399,21 @@ def test_pca(baby_runs, inspect_windows, char_data, outcome):
     metric="monotone_fraction",
     expect=at_least(1.0),
 )
-def test_logit_lens(baby_runs, inspect_windows, char_data, outcome):
-    """Logit lens.
+def test_logit_lens(baby_runs, inspect_windows, char_data, outcome, require_trained):
+    """Read through the final norm and unembedding (logit lens), does each block lower the loss?
 
     Next-token loss on the validation windows when each depth's stream (0 = embedding,
     i = after block i) goes straight through the model's final LayerNorm and
     unembedding. The last depth is the model itself. monotone_fraction = share of
-    blocks after which this loss is lower than before.
+    blocks after which this loss is lower than before: a count of blocks per seed, judged
+    with an exact binomial interval over all seeds' blocks.
     """
     idx, targets = inspect_windows
     curves = {}
     for seed, run in baby_runs.items():
         losses = logit_lens(run.model, idx, targets)
-        outcome.record("monotone_fraction", monotone_fraction(losses, increasing=False), seed=seed)
+        falls = round(monotone_fraction(losses, increasing=False) * (len(losses) - 1))
+        outcome.record_fraction("monotone_fraction", falls, len(losses) - 1, seed=seed, unit="share of blocks")
         outcome.record("embedding_loss", losses[0], seed=seed, unit="nats")
         outcome.record("final_loss", losses[-1], seed=seed, unit="nats")
         curves[f"seed {seed}"] = (list(range(len(losses))), losses)
@@ -389,3 +425,4 @@ def test_logit_lens(baby_runs, inspect_windows, char_data, outcome):
         title="logit lens",
         hlines={"ln V (uniform guess)": float(np.log(char_data.vocab_size))},
     )
+    require_trained(baby_runs, "each seed's baby GPT")

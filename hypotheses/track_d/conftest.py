@@ -4,23 +4,18 @@ sequences, and cached training runs of the transformer and its attention-free ba
 import pytest
 import torch
 
-from lab.windtunnel.models import TunnelTransformer, matched_position_mlp, matched_prefix_mlp, n_params
-from lab.windtunnel.tasks import BijectionTask, HMMTask
+from lab.windtunnel.models import TunnelTransformer, matched_paper_mlp, matched_prefix_mlp, n_params
+from lab.windtunnel.scale import make_tasks, train_settings, transformer_shape
 from lab.windtunnel.train import TunnelTrainConfig, train_tunnel
 
-KINDS = ("transformer", "mlp", "position-mlp")
+KINDS = ("transformer", "mlp", "paper-mlp")
 
 
 @pytest.fixture(scope="session")
 def tunnels(lab):
-    """{name: task}: bijection elimination without replacement (the paper's main setting),
-    with replacement (entropy varies across sequences at a fixed position), and HMM."""
-    b = lab.profile.bayes
-    return {
-        "bijection": BijectionTask(b.n_values, b.n_values - 1),
-        "bijection-repl": BijectionTask(b.n_values, b.n_values - 1, with_replacement=True),
-        "hmm": HMMTask(b.hmm_states, b.hmm_symbols, b.hmm_length),
-    }
+    """{name: task}: bijection elimination without replacement (the paper's main setting) and
+    HMM state tracking, at the profile's sizes."""
+    return make_tasks(lab.profile.bayes)
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +28,11 @@ def tunnel_eval(lab, tunnels):
 
 @pytest.fixture(scope="session")
 def tunnel_runs(lab, tunnels):
-    """tunnel_runs(task_name, kind) -> {seed: TunnelRun}: kind 'transformer', 'mlp' (sees the
-    whole prefix, parameter count within 10% of the transformer's) or 'position-mlp' (sees
-    only its own token and position, also matched), all on the same steps and batches."""
+    """tunnel_runs(task_name, kind) -> {seed: TunnelRun}: kind 'transformer', 'mlp' (the
+    information-matched PrefixMLP: sees the whole prefix, parameters within 10% of the
+    transformer's) or 'paper-mlp' (shaped like the paper's: 18-20 residual layers, within
+    1%, each position seeing its own token and position), all on the same steps, batches
+    and optimiser. Transformers keep their weights at the profile's kept_steps."""
     b = lab.profile.bayes
     cache = {}
 
@@ -45,24 +42,25 @@ def tunnel_runs(lab, tunnels):
         if (name, kind) in cache:
             return cache[(name, kind)]
         task = tunnels[name]
+        n_layer, n_head, n_embd = transformer_shape(b, name)
 
         def transformer():
-            return TunnelTransformer(task, n_layer=b.n_layer, n_head=b.n_head, n_embd=b.n_embd)
+            return TunnelTransformer(task, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
 
         target = n_params(transformer())
         build = {
             "transformer": transformer,
             "mlp": lambda: matched_prefix_mlp(task, target, embd=b.mlp_embd, depth=b.mlp_depth),
-            "position-mlp": lambda: matched_position_mlp(task, target, depth=b.mlp_depth),
+            "paper-mlp": lambda: matched_paper_mlp(task, target, depths=b.paper_mlp_depths),
         }[kind]
-        steps = b.hmm_steps if name == "hmm" else b.bijection_steps
-        keep = tuple(s for s in b.kept_steps if s <= steps) if kind == "transformer" else ()
+        settings = train_settings(b, name)
+        keep = tuple(s for s in b.kept_steps if s <= settings["steps"]) if kind == "transformer" else ()
         runs = {}
         for seed in lab.seeds:
-            cfg = TunnelTrainConfig(
-                steps=steps, batch_size=b.batch_size, lr=b.lr, warmup_steps=b.warmup_steps, seed=seed, keep_steps=keep
+            cfg = TunnelTrainConfig(batch_size=b.batch_size, seed=seed, keep_steps=keep, **settings)
+            runs[seed] = train_tunnel(
+                task, build, cfg, progress=lab.progress, device=lab.device, checkpoint_every=b.checkpoint_every
             )
-            runs[seed] = train_tunnel(task, build, cfg, progress=lab.progress)
         cache[(name, kind)] = runs
         return runs
 
