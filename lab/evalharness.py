@@ -136,22 +136,23 @@ def rolling_windows(n_tokens: int, context: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def rolling_nll(model, ids: list[int], prefix_id: int) -> float:
+def rolling_nll(model, ids: list[int], prefix_id: int, *, batch_size: int = 64) -> float:
     """Total negative log-likelihood (nats) of `ids` under the lab GPT `model`, every token
     predicted once on lm-eval's rolling windows (`rolling_windows`), the first from `prefix_id`."""
     padded = torch.tensor([prefix_id, *ids])
-    context = model.config.block_size
+    width = min(model.config.block_size, len(ids))  # every window reads this many tokens
+    windows = rolling_windows(len(ids), model.config.block_size)
     total = 0.0
     was_training = model.training
     model.eval()
     try:
-        for start, n in rolling_windows(len(ids), context):
-            x = padded[start : start + context]
-            end = start + len(x)
-            y = padded[start + 1 : end + 1]
-            logits, _ = model(x[None, : len(y)])
-            nll = torch.nn.functional.cross_entropy(logits[0], y, reduction="none")
-            total += float(nll[-n:].double().sum())
+        for b in range(0, len(windows), batch_size):
+            chunk = windows[b : b + batch_size]
+            x = torch.stack([padded[s : s + width] for s, _ in chunk])
+            y = torch.stack([padded[s + 1 : s + width + 1] for s, _ in chunk])
+            logits, _ = model(x)
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+            total += sum(float(row[-n:].double().sum()) for row, (_, n) in zip(nll, chunk))
     finally:
         model.train(was_training)
     return total
