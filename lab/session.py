@@ -102,6 +102,14 @@ class Lab:
         tok = self.tokenizer(tokenizer, corpus) if isinstance(tokenizer, str) else tokenizer
         return prepare(corpus, tok, train_fraction=train_fraction)
 
+    def dataset(self, corpus: str = "tinyshakespeare", tokenizer="char", *, block_size: int | None = None):
+        """`self.data(corpus, tokenizer)` as a Hugging Face DatasetDict {"train", "validation"}:
+        its token arrays in consecutive rows of `block_size` ids (default: the profile's baby
+        context). See lab.hf_splits.token_splits."""
+        from lab.hf_splits import token_splits
+
+        return token_splits(self.data(corpus, tokenizer), block_size or self.profile.pretraining.baby.block_size)
+
     # -- models ---------------------------------------------------------------------
 
     def model_config(self, data: TokenData, scale: ModelScale | None = None, **overrides) -> GPTConfig:

@@ -33,6 +33,7 @@ TRACKED_PACKAGES = (
     "trl",
     "nnsight",
     "lm-eval",
+    "transformer-lens",
     "tensorboard",
     "gradio",
     "filelock",
