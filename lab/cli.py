@@ -1,6 +1,6 @@
 """`lab` / `python -m lab`: what people do outside pytest.
 
-lab run [--profile P] [-m EXPR]   run the hypotheses, then build the site (the main job)
+lab run [--profile P] [-m EXPR]   run the hypotheses on every core (--workers N to choose), then build the site
 lab list [-m EXPR]                hypotheses with their recorded predictions
 lab show [--profile P]            latest verdicts and runs from the results store (opened read-only)
 lab site build | serve            regenerate result pages from the store; build or serve the site
@@ -50,7 +50,12 @@ def _pytest(argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "pytest", *argv], cwd=_root())
 
 
-def cmd_run(args, extra: list[str]) -> int:
+def run_argv(args, extra: list[str]) -> list[str]:
+    """pytest's arguments for `lab run`: the selection, and the workers (lab.parallel's rule
+    unless --workers or pytest's own -n chose)."""
+    from lab.parallel import plan_workers, wants_own_workers, xdist_args
+    from lab.profiles import default_profile_name
+
     argv = ["hypotheses"]
     if args.profile:
         argv += ["--lab-profile", args.profile]
@@ -58,7 +63,31 @@ def cmd_run(args, extra: list[str]) -> int:
         argv += ["-m", args.markexpr]
     if args.store:
         argv += [f"--lab-store={args.store}"]  # one token: pytest's pre-parse would take the path for a test path
-    code = _pytest(argv + extra)
+    if args.workers is not None:
+        argv += xdist_args(args.workers)
+    elif not wants_own_workers(extra) and (profile := args.profile or default_profile_name()) in PROFILES:
+        # (an unknown $LAB_PROFILE: pytest says so)
+        plan = plan_workers(profile)
+        print(f"lab: {plan.workers} worker(s) ({plan.why}); --workers N overrides", file=sys.stderr)
+        argv += xdist_args(plan.workers)
+    return argv + extra
+
+
+def _workers(text: str) -> int | None:
+    """--workers N: a count, or `auto` for lab.parallel's rule (the default)."""
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a worker count of at least 1 (or auto), got {text!r}")
+    return n
+
+
+def cmd_run(args, extra: list[str]) -> int:
+    code = _pytest(run_argv(args, extra))
     if code not in (0, 1, 5):  # 1 = some hypothesis failed: still publish what ran
         return code
     if not args.no_site:
@@ -228,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("-m", dest="markexpr", help="pytest marker expression, e.g. pretraining or 'track_a and not slow'")
     p.add_argument("--store", help="results store path (default results/lab.sqlite)")
+    p.add_argument(
+        "--workers",
+        "-n",
+        type=_workers,
+        metavar="N",
+        help="pytest-xdist workers (default: every core the profile's memory allows, see lab.parallel; 1: serial)",
+    )
     p.add_argument("--no-site", action="store_true", help="skip the site build")
     p.add_argument("--site-dir", help="where another store's site goes (default: <store>-site/ beside the store)")
     p.set_defaults(func=cmd_run)
