@@ -19,9 +19,9 @@ import torch
 
 pytest.importorskip("accelerate")
 
+from lab.distributed import _DataParallelRun, train_distributed  # noqa: E402
 from lab.session import Lab  # noqa: E402
 from lab.train import TrainResult, train  # noqa: E402
-from lab.distributed import _DataParallelRun, train_distributed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TOL = 1e-4
