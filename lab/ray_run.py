@@ -95,6 +95,14 @@ def run_task(name: str, nodeids: list[str], options: list[str], root: str | None
     return TaskResult(name, res.returncode, tail, data)
 
 
+def passed_env(environ, *, local: bool) -> dict[str, str]:
+    """The driver's settings a task gets: LAB_* (LAB_HF_MODEL, LAB_HF_ALLOW_DOWNLOAD, ...) and
+    NANOGPT_DIR, but never LAB_STORE (each task has its own store) nor, on a remote cluster,
+    LAB_CACHE (a path on the driver's machine: each node keeps its own cache)."""
+    drop = {"LAB_STORE"} | (set() if local else {"LAB_CACHE"})
+    return {k: v for k, v in environ.items() if (k.startswith("LAB_") or k == "NANOGPT_DIR") and k not in drop}
+
+
 def _resources(profile: str) -> dict:
     return {"num_cpus": 1, "num_gpus": 1} if profile == "gpu" else {"num_cpus": 1}
 
@@ -116,14 +124,15 @@ def run_on_ray(
     options = task_options(extra, root) + ["--lab-profile", profile]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from a lab run
     package_parent = str(Path(__file__).resolve().parents[1])
+    env = passed_env(os.environ, local=address is None)
     if address is None:
         # the workers import this lab (not another checkout's) and run pytest in root
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
         ray.init(num_cpus=workers, include_dashboard=False, runtime_env={"env_vars": env})
         task_root: str | None = str(root)
         where = f"a local Ray instance ({workers} CPUs)"
     else:
-        ray.init(address=address, runtime_env={"working_dir": str(root), "excludes": EXCLUDES})
+        ray.init(address=address, runtime_env={"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env})
         task_root = None
         where = f"the Ray cluster at {address}"
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.ray_run import group_by_file, task_options
+from lab.ray_run import group_by_file, passed_env, task_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,3 +125,9 @@ def test_tasks_are_files_and_get_no_test_paths(tmp_path):
     (tmp_path / "hypotheses").mkdir()
     opts = task_options(["-x", "hypotheses", "h/a.py::t[1]", "-p", "no:randomly", "-k", "slow"], tmp_path)
     assert opts == ["-x", "-p", "no:randomly", "-k", "slow"]
+
+
+def test_tasks_get_the_lab_settings_but_not_the_store():
+    environ = {"LAB_HF_MODEL": "/models/7b", "LAB_STORE": "s.sqlite", "LAB_CACHE": "/c", "HOME": "/root"}
+    assert passed_env(environ, local=True) == {"LAB_HF_MODEL": "/models/7b", "LAB_CACHE": "/c"}
+    assert passed_env(environ, local=False) == {"LAB_HF_MODEL": "/models/7b"}  # each node its own cache
