@@ -49,6 +49,8 @@ class TaskResult:
 def collect(root: Path, argv: list[str]) -> list[str]:
     """The node ids pytest selects with `argv` (run in `root`); SystemExit with pytest's
     output when collection fails."""
+    # another -q or -v would change the listing from node ids to counts or a tree
+    argv = [a for a in argv if a not in ("-q", "-qq", "--quiet", "-v", "-vv", "--verbose")]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pytest", *argv, "--collect-only", "-q", f"--lab-store={Path(tmp) / 'c.sqlite'}"]
         res = subprocess.run(cmd, cwd=root, capture_output=True, text=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.ray_run import group_by_file, passed_env, task_options
+from lab.ray_run import collect, group_by_file, passed_env, task_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,3 +131,9 @@ def test_tasks_get_the_lab_settings_but_not_the_store():
     environ = {"LAB_HF_MODEL": "/models/7b", "LAB_STORE": "s.sqlite", "LAB_CACHE": "/c", "HOME": "/root"}
     assert passed_env(environ, local=True) == {"LAB_HF_MODEL": "/models/7b", "LAB_CACHE": "/c"}
     assert passed_env(environ, local=False) == {"LAB_HF_MODEL": "/models/7b"}  # each node its own cache
+
+
+def test_the_selection_is_collected_as_node_ids_whatever_the_verbosity(project):
+    for extra, want in ((["-q"], 6), (["-v", "-k", "draws"], 3)):
+        ids = collect(project, ["hypotheses", "-p", "no:randomly", *extra])
+        assert len(ids) == want and all("::" in i for i in ids), (extra, ids)
