@@ -36,6 +36,7 @@ TRACKED_PACKAGES = (
     "transformer-lens",
     "tensorboard",
     "gradio",
+    "ray",
     "filelock",
     "psutil",
     "pytest",
