@@ -252,6 +252,16 @@ class BayesScale:
 
 
 @dataclass(frozen=True)
+class SamplingScale:
+    """Sizes for curriculum 05's truncation hypotheses (top-k, top-p, their entropy and
+    support), read off each seed's baby GPT at every position of validation windows."""
+
+    n_windows: int  # validation windows, each the baby GPT's context long
+    top_ks: tuple[int, ...]  # the curve of entropy and support against k
+    top_ps: tuple[float, ...]  # and against p
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
@@ -268,6 +278,7 @@ class Profile:
     posttrain: PosttrainScale
     inference_stacks: InferenceStacksScale
     scaling: ScalingScale
+    sampling: SamplingScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -449,6 +460,11 @@ CPU = Profile(
         eval_batches=20,
         n_boot=500,
     ),
+    sampling=SamplingScale(
+        n_windows=64,
+        top_ks=(1, 2, 3, 5, 10, 20, 40, 65),
+        top_ps=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+    ),
 )
 
 GPU = replace(
@@ -601,6 +617,7 @@ GPU = replace(
         eval_batches=50,
         n_boot=1000,
     ),
+    sampling=replace(CPU.sampling, n_windows=256),
 )
 
 SMOKE = replace(
@@ -768,6 +785,7 @@ SMOKE = replace(
         eval_batches=2,
         n_boot=20,
     ),
+    sampling=replace(CPU.sampling, n_windows=4, top_ks=(1, 10, 65), top_ps=(0.5, 0.9, 1.0)),
 )
 
 PROFILES: dict[str, Profile] = {"smoke": SMOKE, "cpu": CPU, "gpu": GPU}
