@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lab.models.sampling import entropy_nats, top_p_matching_entropy, truncated_probs
+from lab.truncation import entropy_nats, top_p_matching_entropy, truncated_probs
 
 
 def _logits(n=16, v=40, seed=0):

@@ -6,9 +6,9 @@ import torch
 from lab.data import split_text
 from lab.diversity import distinct_n, loop_start
 from lab.inspect.texts import windows
-from lab.models.sampling import entropy_nats, top_p_matching_entropy, truncated_probs
 from lab.report import at_least, at_most, greater_than, less_than, prediction
 from lab.report.intervals import spearman
+from lab.truncation import entropy_nats, top_p_matching_entropy, truncated_probs
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m05_sampling]
 
