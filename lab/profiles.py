@@ -262,6 +262,16 @@ class SamplingScale:
 
 
 @dataclass(frozen=True)
+class MoECostScale:
+    """Sizes for curriculum 08's cost comparison: forward passes of the architecture
+    ablations' dense and MoE models (random init), timed interleaved."""
+
+    batch_size: int  # sequences of the model's context per forward pass
+    rounds: int  # timing rounds (one sample each)
+    iterations: int  # forward passes per round
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
@@ -279,6 +289,7 @@ class Profile:
     inference_stacks: InferenceStacksScale
     scaling: ScalingScale
     sampling: SamplingScale
+    moe_cost: MoECostScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -465,6 +476,7 @@ CPU = Profile(
         top_ks=(1, 2, 3, 5, 10, 20, 40, 65),
         top_ps=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
     ),
+    moe_cost=MoECostScale(batch_size=16, rounds=10, iterations=5),
 )
 
 GPU = replace(
@@ -618,6 +630,7 @@ GPU = replace(
         n_boot=1000,
     ),
     sampling=replace(CPU.sampling, n_windows=256),
+    moe_cost=replace(CPU.moe_cost, batch_size=64, iterations=20),
 )
 
 SMOKE = replace(
@@ -786,6 +799,7 @@ SMOKE = replace(
         n_boot=20,
     ),
     sampling=replace(CPU.sampling, n_windows=4, top_ks=(1, 10, 65), top_ps=(0.5, 0.9, 1.0)),
+    moe_cost=replace(CPU.moe_cost, batch_size=2, rounds=2, iterations=1),
 )
 
 PROFILES: dict[str, Profile] = {"smoke": SMOKE, "cpu": CPU, "gpu": GPU}
