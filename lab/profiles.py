@@ -272,6 +272,17 @@ class MoECostScale:
 
 
 @dataclass(frozen=True)
+class BatchingScale:
+    """Sizes for curriculum 15's throughput by batch size: batched greedy decoding of the
+    inference hypotheses' random-init Llama-style decode model, lab and Hugging Face."""
+
+    batch_sizes: tuple[int, ...]  # ascending, the first 1
+    prompt_len: int  # every row's prompt (random tokens), so no padding
+    new_tokens: int  # greedy tokens per row; prompt_len + new_tokens fits the decode model
+    rounds: int  # timing rounds (one sample each)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
@@ -290,6 +301,7 @@ class Profile:
     scaling: ScalingScale
     sampling: SamplingScale
     moe_cost: MoECostScale
+    batching: BatchingScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -477,6 +489,7 @@ CPU = Profile(
         top_ps=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
     ),
     moe_cost=MoECostScale(batch_size=16, rounds=10, iterations=5),
+    batching=BatchingScale(batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len=16, new_tokens=64, rounds=3),
 )
 
 GPU = replace(
@@ -631,6 +644,7 @@ GPU = replace(
     ),
     sampling=replace(CPU.sampling, n_windows=256),
     moe_cost=replace(CPU.moe_cost, batch_size=64, iterations=20),
+    batching=replace(CPU.batching, batch_sizes=(1, 4, 16, 64, 256), new_tokens=128, rounds=5),
 )
 
 SMOKE = replace(
@@ -800,6 +814,7 @@ SMOKE = replace(
     ),
     sampling=replace(CPU.sampling, n_windows=4, top_ks=(1, 10, 65), top_ps=(0.5, 0.9, 1.0)),
     moe_cost=replace(CPU.moe_cost, batch_size=2, rounds=2, iterations=1),
+    batching=replace(CPU.batching, batch_sizes=(1, 4), prompt_len=4, new_tokens=8, rounds=2),
 )
 
 PROFILES: dict[str, Profile] = {"smoke": SMOKE, "cpu": CPU, "gpu": GPU}
