@@ -283,6 +283,15 @@ class BatchingScale:
 
 
 @dataclass(frozen=True)
+class MaskingScale:
+    """Sizes for curriculum 11's masking-rate sweep: the shared small GPT trained as a
+    masked LM (profile.architecture's budget) at each rate, all scored at one rate."""
+
+    rates: tuple[float, ...]  # training mask rates, ascending; 0.05, 0.15 and 0.25 are predicted on
+    eval_rate: float  # the fixed masking every model is scored with
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
@@ -302,6 +311,7 @@ class Profile:
     sampling: SamplingScale
     moe_cost: MoECostScale
     batching: BatchingScale
+    masking: MaskingScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -490,6 +500,7 @@ CPU = Profile(
     ),
     moe_cost=MoECostScale(batch_size=16, rounds=10, iterations=5),
     batching=BatchingScale(batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len=16, new_tokens=64, rounds=3),
+    masking=MaskingScale(rates=(0.05, 0.15, 0.25, 0.4), eval_rate=0.15),
 )
 
 GPU = replace(
@@ -815,6 +826,7 @@ SMOKE = replace(
     sampling=replace(CPU.sampling, n_windows=4, top_ks=(1, 10, 65), top_ps=(0.5, 0.9, 1.0)),
     moe_cost=replace(CPU.moe_cost, batch_size=2, rounds=2, iterations=1),
     batching=replace(CPU.batching, batch_sizes=(1, 4), prompt_len=4, new_tokens=8, rounds=2),
+    masking=replace(CPU.masking, rates=(0.05, 0.15, 0.25)),
 )
 
 PROFILES: dict[str, Profile] = {"smoke": SMOKE, "cpu": CPU, "gpu": GPU}
