@@ -292,6 +292,16 @@ class MaskingScale:
 
 
 @dataclass(frozen=True)
+class DataQualityScale:
+    """Sizes for curriculum 16's noise-injection and deduplication hypotheses; the model,
+    training budget and evaluation batches are profile.synthetic's."""
+
+    noise_rate: float  # share of characters replaced by random ones, in training and in the noisy evaluation
+    repeated_fraction: float  # share of the training text that is one repeated passage
+    repeats: int  # copies of that passage
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
@@ -312,6 +322,7 @@ class Profile:
     moe_cost: MoECostScale
     batching: BatchingScale
     masking: MaskingScale
+    data_quality: DataQualityScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -501,6 +512,7 @@ CPU = Profile(
     moe_cost=MoECostScale(batch_size=16, rounds=10, iterations=5),
     batching=BatchingScale(batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len=16, new_tokens=64, rounds=3),
     masking=MaskingScale(rates=(0.05, 0.15, 0.25, 0.4), eval_rate=0.15),
+    data_quality=DataQualityScale(noise_rate=0.05, repeated_fraction=0.5, repeats=50),
 )
 
 GPU = replace(
