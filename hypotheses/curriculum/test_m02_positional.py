@@ -280,3 +280,57 @@ def test_position_similarity_heatmaps(lab, char_data, pos_runs, outcome, require
         title="Similarity of two positions by their distance",
     )
     require_trained({"learned positions": pos_runs["learned"]}, "every learned-position model")
+
+
+@prediction(
+    "Training on the longer context beats extrapolating to it: a RoPE model trained at twice the length (same tokens "
+    "per step) has lower loss at the positions past the short model's trained length than the short RoPE model",
+    metric="long_trained_past_loss",
+    expect=less_than("rope_extrapolated_past_loss"),
+)
+def test_training_long_beats_extrapolating(
+    lab, char_data, ablation_runs, pos_runs, long_context_loss, outcome, require_trained
+):
+    """Is it better to train on the longer context than to extrapolate to it?
+
+    Curriculum 07's advice ("extrapolation is hard; better to train on long sequences").
+    Train the shared small RoPE GPT at the second evaluation context (twice the trained
+    length on the cpu profile) with the batch shrunk to keep the tokens per step, the same
+    steps and seeds, and compare its per-position validation loss at that context with
+    the RoPE model trained at the short length and read at the longer one (the
+    long-context evaluation every encoding gets: the same fixed windows). The statistic
+    is the mean loss at the positions past the short length, paired by seed; ALiBi's
+    extrapolation and both models' loss within the short length are recorded beside it.
+    Valid only if every model trained.
+    """
+    a = lab.profile.architecture
+    trained, longer = a.model.block_size, a.eval_contexts[1]
+    batch = max(1, a.batch_size * trained // longer)
+    long_runs = ablation_runs(train=dict(batch_size=batch), pos="rope", block_size=longer)
+    lines = {}
+    for seed, run in long_runs.items():
+        if isinstance(run, Exception):
+            continue
+        curve = per_position_loss(
+            run.model, char_data.val, block_size=longer, batch_size=a.batch_size, n_batches=a.eval_batches
+        )
+        short = long_context_loss["rope"][seed][longer]
+        outcome.record("long_trained_past_loss", float(curve[trained:].mean()), seed=seed, unit="nats/char")
+        outcome.record("rope_extrapolated_past_loss", float(short[trained:].mean()), seed=seed, unit="nats/char")
+        alibi = long_context_loss["alibi"][seed][longer]
+        outcome.record("alibi_extrapolated_past_loss", float(alibi[trained:].mean()), seed=seed, unit="nats/char")
+        outcome.record("long_trained_within_loss", float(curve[:trained].mean()), seed=seed, unit="nats/char")
+        outcome.record("rope_short_within_loss", float(short[:trained].mean()), seed=seed, unit="nats/char")
+        lines[f"trained at {longer}, seed {seed}"] = (np.arange(longer), curve)
+        lines[f"trained at {trained}, read at {longer}, seed {seed}"] = (np.arange(longer), short)
+    outcome.plot_lines(
+        "per_position",
+        lines,
+        xlabel=f"position (the short model trained on the first {trained})",
+        ylabel="val loss (nats/char)",
+        title=f"RoPE at context {longer}: trained there vs extrapolating",
+    )
+    outcome.note(
+        f"the long model trains on batches of {batch} x {longer} tokens, the short ones on {a.batch_size} x {trained}"
+    )
+    require_trained({"trained long": long_runs, "RoPE": pos_runs["rope"], "ALiBi": pos_runs["alibi"]}, "every model")
