@@ -302,6 +302,15 @@ class DataQualityScale:
 
 
 @dataclass(frozen=True)
+class BatchSizeScale:
+    """Sizes for the pretraining batch-size comparison: the baby GPT at each batch size for
+    the same tokens as the learning-rate sweep's runs (profile.pretraining.sweep_steps x
+    batch_size sequences), so smaller batches take more steps."""
+
+    batch_sizes: tuple[int, ...]  # ascending; each divides sweep_steps x pretraining.batch_size
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
@@ -323,6 +332,7 @@ class Profile:
     batching: BatchingScale
     masking: MaskingScale
     data_quality: DataQualityScale
+    batch_size: BatchSizeScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -513,6 +523,7 @@ CPU = Profile(
     batching=BatchingScale(batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len=16, new_tokens=64, rounds=3),
     masking=MaskingScale(rates=(0.05, 0.15, 0.25, 0.4), eval_rate=0.15),
     data_quality=DataQualityScale(noise_rate=0.05, repeated_fraction=0.5, repeats=50),
+    batch_size=BatchSizeScale(batch_sizes=(4, 12, 48)),
 )
 
 GPU = replace(
@@ -668,6 +679,7 @@ GPU = replace(
     sampling=replace(CPU.sampling, n_windows=256),
     moe_cost=replace(CPU.moe_cost, batch_size=64, iterations=20),
     batching=replace(CPU.batching, batch_sizes=(1, 4, 16, 64, 256), new_tokens=128, rounds=5),
+    batch_size=BatchSizeScale(batch_sizes=(16, 64, 256)),
 )
 
 SMOKE = replace(
@@ -839,6 +851,7 @@ SMOKE = replace(
     moe_cost=replace(CPU.moe_cost, batch_size=2, rounds=2, iterations=1),
     batching=replace(CPU.batching, batch_sizes=(1, 4), prompt_len=4, new_tokens=8, rounds=2),
     masking=replace(CPU.masking, rates=(0.05, 0.15, 0.25)),
+    batch_size=BatchSizeScale(batch_sizes=(4, 16)),
 )
 
 PROFILES: dict[str, Profile] = {"smoke": SMOKE, "cpu": CPU, "gpu": GPU}
