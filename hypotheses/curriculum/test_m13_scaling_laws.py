@@ -476,8 +476,9 @@ def test_time_and_memory_pareto_frontier(lab, family, outcome, require_trained):
     parameter for fp32 weights, gradients and AdamW's moments, and the peak the trainer
     measured: GPU memory on CUDA, the process's peak RSS growth on CPU, which later runs
     in one process barely move) and a final validation loss. Per seed, the Pareto
-    frontier of loss against time keeps the runs no other run beats on both; the statistic is how many different sizes it
-    holds (1: the largest model is best at every time budget). Also recorded per seed:
+    frontier of loss against time keeps the runs no other run beats on both; the
+    statistic is how many different sizes it holds (1: the largest model is best at
+    every time budget). Also recorded per seed:
     the share of smaller sizes whose run at the largest budget (trained longest) is
     beaten on both time and loss by a larger model stopped at a smaller budget, which is
     early stopping winning at fixed time. Times are wall-clock measurements of runs that
