@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lab.finetune import load_finetuned
 from lab.inspect import adapter, run_with_cache
 from lab.inspect.probes import control_labels, fit_probe
 from lab.inspect.properties import stack_labels
@@ -23,7 +24,9 @@ from lab.inspect.residual import (
     stream_norms,
     write_norms,
 )
+from lab.inspect.similarity import linear_cka
 from lab.inspect.texts import windows
+from lab.models.hf import load_hf_causal_lm
 from lab.report import CONFIRMED, at_least, at_most, between, greater_than, prediction
 from lab.report.intervals import point
 from lab.report.plots import bar_figure, heatmap_grid, scatter_grid
@@ -426,3 +429,56 @@ def test_logit_lens(baby_runs, inspect_windows, char_data, outcome, require_trai
         hlines={"ln V (uniform guess)": float(np.log(char_data.vocab_size))},
     )
     require_trained(baby_runs, "each seed's baby GPT")
+
+
+@torch.no_grad()
+def _hidden_by_layer(model, idx) -> list[torch.Tensor]:
+    """Each decoder layer's output (Hugging Face hidden_states[1:]) as (tokens, d) rows."""
+    states = model(idx, output_hidden_states=True).hidden_states[1:]
+    return [h.reshape(-1, h.shape[-1]).float() for h in states]
+
+
+@prediction(
+    "Full fine-tuning moves the representations more than LoRA (rank 8): mean drift (1 - CKA with the base) over "
+    "layers is larger",
+    metric="full_drift",
+    expect=greater_than("lora_drift"),
+)
+@prediction(
+    "Drift grows with depth: under full fine-tuning the last layer drifts more than the first",
+    metric="full_last_minus_first",
+    expect=greater_than(0),
+)
+def test_representation_drift_after_finetuning(lab, ft_base, ft_runs, milton_data, outcome, require_finetuned):
+    """How far does fine-tuning move each layer's representations, full against LoRA?
+
+    Track A's base (Llama-style GQA, pretrained on Shakespeare, Hugging Face format) and
+    its Milton fine-tunes: full, and LoRA rank 8 (merged), one per fine-tuning seed. On
+    n_windows windows of Milton's validation text, take every decoder layer's output
+    (every token a row) in the base and in each fine-tuned model and compare them with
+    linear CKA (Kornblith et al. 2019: 1 = the same representation up to rotation and
+    scale). Drift = 1 - CKA, per layer; the statistics are its mean over layers, full
+    against LoRA paired by fine-tuning seed, and the last layer's drift minus the
+    first's under full fine-tuning. Valid only if the base learned Shakespeare and every
+    fine-tuning run moved its Milton loss.
+    """
+    f = lab.profile.finetune
+    idx, _ = windows(milton_data.val, lab.profile.inspect.n_windows, f.base.block_size)
+    base = _hidden_by_layer(load_hf_causal_lm(ft_base)[0].eval(), idx)
+    runs = {"full": ft_runs(method="full"), "lora": ft_runs(method="lora", rank=8)}
+    curves = {}
+    for method, by_seed in runs.items():
+        for seed, result in by_seed.items():
+            tuned = _hidden_by_layer(load_finetuned(result, merge=True).eval(), idx)
+            drift = [1 - linear_cka(b, t) for b, t in zip(base, tuned)]
+            outcome.record(f"{method}_drift", float(np.mean(drift)), seed=seed)
+            outcome.record(f"{method}_last_minus_first", drift[-1] - drift[0], seed=seed)
+            curves[f"{method}, seed {seed}"] = (list(range(len(drift))), drift)
+    outcome.plot_lines(
+        "drift_by_layer",
+        curves,
+        xlabel="layer",
+        ylabel="1 - linear CKA with the base",
+        title="Representation drift after fine-tuning on Milton",
+    )
+    require_finetuned(runs)
