@@ -34,3 +34,15 @@ def test_linear_cka_refuses_bad_shapes():
         linear_cka(torch.zeros(3, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="constant"):
         linear_cka(torch.ones(3, 2), torch.randn(3, 2))
+
+
+def test_class_variance_share_is_one_for_class_means_and_small_for_noise():
+    from lab.inspect.similarity import class_variance_share
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2] * 50)
+    means = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    assert class_variance_share(means[labels], labels) == pytest.approx(1.0)
+    noise = torch.randn(300, 4, generator=torch.Generator().manual_seed(1))
+    assert class_variance_share(noise, labels) < 0.05
+    with pytest.raises(ValueError, match="labels"):
+        class_variance_share(noise, labels[:10])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lab.finetune import load_finetuned
-from lab.inspect import adapter
+from lab.inspect import adapter, run_with_cache
 from lab.inspect.attention import (
     entropy,
     induction_score,
@@ -21,11 +21,14 @@ from lab.inspect.attention import (
     per_head,
     uniform_pattern,
 )
+from lab.inspect.properties import CHAR_CLASSES, char_class
+from lab.inspect.residual import pca
+from lab.inspect.similarity import class_variance_share
 from lab.inspect.texts import repeated_random, windows
 from lab.models import GPT
 from lab.models.hf import load_hf_causal_lm
-from lab.report import at_least, at_most, check, greater_than, prediction
-from lab.report.plots import heatmap_grid, line_figure
+from lab.report import at_least, at_most, check, greater_than, less_than, prediction
+from lab.report.plots import heatmap_grid, line_figure, scatter_grid
 
 pytestmark = pytest.mark.track_b
 
@@ -441,3 +444,53 @@ def test_finetune_attention_shift(lab, ft_base, ft_runs, milton_data, method, ou
         title=f"{method} fine-tuning on Milton",
     )
     require_finetuned({method: runs})
+
+
+@prediction(
+    "In the first layer the value vectors cluster by character class: the class means explain at least {bound} of "
+    "their variance",
+    metric="class_share_first",
+    expect=at_least(0.3),
+)
+@prediction(
+    "Deeper value vectors hold less of the current character's class: the last layer's share is below the first's",
+    metric="class_share_last",
+    expect=less_than("class_share_first"),
+)
+def test_value_vectors_by_char_class(baby_runs, inspect_windows, char_data, outcome, require_trained):
+    """What do the value vectors hold: do they cluster by the class of the current character?
+
+    Run each seed's baby GPT on the validation windows and take every layer's value
+    vectors (all heads concatenated, one row per token). Label each token by its
+    character's class (vowel, other letter, space, newline, anything else) and measure
+    how much of the vectors' variance the class means explain (eta squared: 1 when every
+    vector sits on its class mean). Per seed, the first layer's share and the last
+    layer's; the first seed's vectors projected on each layer's top two principal
+    components, coloured by class. Valid only if every seed's model trained.
+    """
+    idx, _ = inspect_windows
+    tok = char_data.tokenizer
+    labels = torch.tensor([char_class(tok.decode(r.tolist())) for r in idx]).reshape(-1)
+    for seed, run in baby_runs.items():
+        n = run.model.config.n_layer
+        names = [f"blocks.{i}.attn.hook_v" for i in range(n)]
+        _, cache = run_with_cache(run.model, idx, names)
+        values = [cache[name].reshape(labels.numel(), -1).float() for name in names]
+        shares = [class_variance_share(v, labels) for v in values]
+        outcome.record("class_share_first", shares[0], seed=seed)
+        outcome.record("class_share_last", shares[-1], seed=seed)
+        for layer, share in enumerate(shares):
+            outcome.record(f"class_share_layer{layer}", share, seed=seed)
+        if seed == min(baby_runs):
+            pts = [pca(v).project(v).numpy() for v in values]
+            outcome.plot(
+                "value_pca",
+                scatter_grid(
+                    pts,
+                    [labels.numpy()] * n,
+                    titles=[f"layer {i}" for i in range(n)],
+                    label="class: " + ", ".join(f"{i} {c}" for i, c in enumerate(CHAR_CLASSES)),
+                ),
+                caption="Value vectors on each layer's top two principal components, coloured by character class.",
+            )
+    require_trained(baby_runs, "each seed's baby GPT")

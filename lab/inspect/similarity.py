@@ -21,3 +21,18 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     if norm == 0:
         raise ValueError("CKA is undefined for a constant representation (no variance)")
     return float(cross / norm)
+
+
+def class_variance_share(x: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of the variance of the rows of x (n, d) that their class means explain:
+    sum_c n_c ||mean_c - mean||^2 / sum_i ||x_i - mean||^2 (eta squared). 1 when every row
+    equals its class mean, about (classes - 1) / n for labels unrelated to x."""
+    if x.dim() != 2 or labels.shape != (x.shape[0],):
+        raise ValueError(f"need x (n, d) and labels (n,), got {tuple(x.shape)} and {tuple(labels.shape)}")
+    x = x.double()
+    centred = x - x.mean(0)
+    total = centred.pow(2).sum()
+    if total == 0:
+        raise ValueError("the share of variance is undefined for constant rows")
+    between = sum((labels == c).sum() * centred[labels == c].mean(0).pow(2).sum() for c in labels.unique().tolist())
+    return float(between / total)
