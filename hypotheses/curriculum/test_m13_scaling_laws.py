@@ -467,6 +467,12 @@ def _train_seconds(run) -> float:
     metric="frontier_sizes",
     expect=at_least(2),
 )
+@prediction(
+    "Early stopping beats training longer at fixed time: for at least {bound} of the smaller sizes, a larger model "
+    "stopped at a smaller budget reaches lower loss in less time than the smaller model at the largest budget",
+    metric="early_stop_wins",
+    expect=at_least(0.25),
+)
 def test_time_and_memory_pareto_frontier(lab, family, outcome, require_trained):
     """Which model sizes are worth their training time and memory (the Pareto frontier)?
 
