@@ -30,6 +30,7 @@ from lab.models.hf import load_hf_causal_lm
 from lab.report import CONFIRMED, at_least, at_most, between, greater_than, prediction
 from lab.report.intervals import point
 from lab.report.plots import bar_figure, heatmap_grid, scatter_grid
+from lab.scaling import non_embedding_params
 
 pytestmark = pytest.mark.track_c
 
@@ -482,3 +483,71 @@ def test_representation_drift_after_finetuning(lab, ft_base, ft_runs, milton_dat
         title="Representation drift after fine-tuning on Milton",
     )
     require_finetuned(runs)
+
+
+def _family_run(lab, char_data, scale, seed):
+    """A model of the scaling family (curriculum 13) at its largest data budget: the same
+    lab.pretrain call as that module's Family.run, so the cached run is reused."""
+    s = lab.profile.scaling
+    steps = s.budgets[-1]
+    return lab.pretrain(
+        char_data,
+        lab.model_config(char_data, scale),
+        seed=seed,
+        max_steps=steps,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        warmup_steps=max(1, steps // 10),
+        eval_interval=steps,
+        eval_batches=s.eval_batches,
+    )
+
+
+@prediction(
+    "The residual stream's norm grows through the layers at every size: final / embedding > 1 in at least {bound} "
+    "of the scaling family's models (every size, every seed)",
+    metric="sizes_growing",
+    expect=at_least(0.75),
+)
+def test_residual_norm_growth_across_sizes(lab, char_data, outcome, require_trained):
+    """Does the residual stream's norm growth hold across model sizes?
+
+    Track C's norm-growth measurement (mean L2 norm of the per-token stream at the
+    embedding and after every block, growth = last / first) on every model of the
+    scaling family of curriculum 13 (five or more lab GPTs of growing size, GPT-2
+    layout, at the family's largest data budget, one per seed), on validation windows
+    of the family's context length. The statistic is the share of models whose stream
+    grows (a count of sizes per seed, judged with an exact binomial interval over all
+    seeds' models); each size's growth ratio is recorded and drawn against its
+    non-embedding parameters. The baby GPT and MiniLM have their own pages (the
+    norm-growth hypothesis). Valid only if every model trained.
+    """
+    s = lab.profile.scaling
+    idx, _ = windows(char_data.val, lab.profile.inspect.n_windows, s.sizes[0].block_size)
+    runs, curves = {}, {}
+    for seed in lab.seeds:
+        growing = 0
+        for scale in s.sizes:
+            label = f"{scale.n_layer}L d{scale.n_embd}"
+            run = _family_run(lab, char_data, scale, seed)
+            runs.setdefault(label, {})[seed] = run
+            n = run.model.config.n_layer
+            _, cache = run_with_cache(run.model, idx, stream_names(n))
+            norms = stream_norms(cache, n)
+            ratio = norms[-1] / norms[0]
+            growing += ratio > 1
+            outcome.record(f"growth_ratio_{label.replace(' ', '_')}", ratio, seed=seed)
+            curves.setdefault(f"seed {seed}", ([], []))
+            curves[f"seed {seed}"][0].append(non_embedding_params(run.model.config))
+            curves[f"seed {seed}"][1].append(ratio)
+        outcome.record_fraction("sizes_growing", growing, len(s.sizes), seed=seed, unit="share of sizes")
+    outcome.plot_lines(
+        "growth_by_size",
+        curves,
+        xlabel="non-embedding parameters",
+        ylabel="stream norm, last / embedding",
+        title="Residual-stream growth across the scaling family",
+        logx=True,
+        hlines={"no growth": 1.0},
+    )
+    require_trained(runs, "every model of the family")
