@@ -486,3 +486,23 @@ def pareto_front(costs: Sequence[float], losses: Sequence[float]) -> list[int]:
         if not any(c[j] <= c[i] and y[j] <= y[i] and (c[j] < c[i] or y[j] < y[i]) for j in range(len(c)))
     ]
     return sorted(front, key=lambda i: (c[i], y[i]))
+
+
+def family_run(lab, data, scale, seed: int, budget_index: int = -1):
+    """One run of curriculum 13's scaling family: the model of `scale` trained on `data`
+    for the profile's budgets[budget_index] steps with the family's batch, lr and schedule
+    (warmup a tenth of the steps, cosine to the end). Cached by the lab like any run, so
+    every hypothesis asking for the same run shares it."""
+    s = lab.profile.scaling
+    steps = s.budgets[budget_index]
+    return lab.pretrain(
+        data,
+        lab.model_config(data, scale),
+        seed=seed,
+        max_steps=steps,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        warmup_steps=max(1, steps // 10),
+        eval_interval=steps,
+        eval_batches=s.eval_batches,
+    )

@@ -30,6 +30,7 @@ from lab.models import GPT
 from lab.models.hf import load_hf_causal_lm
 from lab.report import at_least, at_most, check, greater_than, less_than, prediction
 from lab.report.plots import heatmap_grid, line_figure, scatter_grid
+from lab.scaling import family_run, non_embedding_params
 
 pytestmark = pytest.mark.track_b
 
@@ -551,3 +552,50 @@ def test_one_character_edit_changes_attention(baby_runs, inspect_windows, char_d
         f"largest divergence of a query before position {at}: {before:.2e} nats",
     )
     require_trained(baby_runs, "each seed's baby GPT")
+
+
+@prediction(
+    "Previous-token heads appear at every size: in at least {bound} of the scaling family's models (every size, "
+    "every seed) some head puts >= 50% of its attention on the previous character",
+    metric="sizes_with_previous_token_head",
+    expect=at_least(0.75),
+)
+def test_previous_token_head_across_sizes(lab, char_data, outcome, require_trained):
+    """Does the previous-token head appear at every model size?
+
+    The neighbour-share measurement of the heatmap hypothesis (for each head, the mean
+    share of attention each query puts on the previous character) on every model of
+    curriculum 13's scaling family (five or more lab GPTs of growing size at the
+    family's largest data budget, one per seed), on validation windows of the family's
+    context length. A model has a previous-token head when its largest share is at least
+    0.5. The statistic is the share of models that have one (a count of sizes per seed,
+    judged with an exact binomial interval over all seeds' models); each size's largest
+    share is recorded and drawn against its non-embedding parameters. Valid only if
+    every model trained.
+    """
+    s = lab.profile.scaling
+    idx, _ = windows(char_data.val, lab.profile.inspect.n_windows, s.sizes[0].block_size)
+    runs, curves = {}, {}
+    for seed in lab.seeds:
+        found = 0
+        for scale in s.sizes:
+            label = f"{scale.n_layer}L d{scale.n_embd}"
+            run = family_run(lab, char_data, scale, seed)
+            runs.setdefault(label, {})[seed] = run
+            share = per_head(offset_share, patterns(run.model, idx), offset=-1).max().item()
+            found += share >= 0.5
+            outcome.record(f"max_previous_share_{label.replace(' ', '_')}", share, seed=seed)
+            curves.setdefault(f"seed {seed}", ([], []))
+            curves[f"seed {seed}"][0].append(non_embedding_params(run.model.config))
+            curves[f"seed {seed}"][1].append(share)
+        outcome.record_fraction("sizes_with_previous_token_head", found, len(s.sizes), seed=seed, unit="share of sizes")
+    outcome.plot_lines(
+        "previous_share_by_size",
+        curves,
+        xlabel="non-embedding parameters",
+        ylabel="largest head's attention on the previous character",
+        title="Previous-token heads across the scaling family",
+        logx=True,
+        hlines={"threshold": 0.5},
+    )
+    require_trained(runs, "every model of the family")

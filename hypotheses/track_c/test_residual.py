@@ -30,7 +30,7 @@ from lab.models.hf import load_hf_causal_lm
 from lab.report import CONFIRMED, at_least, at_most, between, greater_than, prediction
 from lab.report.intervals import point
 from lab.report.plots import bar_figure, heatmap_grid, scatter_grid
-from lab.scaling import non_embedding_params
+from lab.scaling import family_run, non_embedding_params
 
 pytestmark = pytest.mark.track_c
 
@@ -485,24 +485,6 @@ def test_representation_drift_after_finetuning(lab, ft_base, ft_runs, milton_dat
     require_finetuned(runs)
 
 
-def _family_run(lab, char_data, scale, seed):
-    """A model of the scaling family (curriculum 13) at its largest data budget: the same
-    lab.pretrain call as that module's Family.run, so the cached run is reused."""
-    s = lab.profile.scaling
-    steps = s.budgets[-1]
-    return lab.pretrain(
-        char_data,
-        lab.model_config(char_data, scale),
-        seed=seed,
-        max_steps=steps,
-        batch_size=s.batch_size,
-        lr=s.lr,
-        warmup_steps=max(1, steps // 10),
-        eval_interval=steps,
-        eval_batches=s.eval_batches,
-    )
-
-
 @prediction(
     "The residual stream's norm grows through the layers at every size: final / embedding > 1 in at least {bound} "
     "of the scaling family's models (every size, every seed)",
@@ -529,7 +511,7 @@ def test_residual_norm_growth_across_sizes(lab, char_data, outcome, require_trai
         growing = 0
         for scale in s.sizes:
             label = f"{scale.n_layer}L d{scale.n_embd}"
-            run = _family_run(lab, char_data, scale, seed)
+            run = family_run(lab, char_data, scale, seed)
             runs.setdefault(label, {})[seed] = run
             n = run.model.config.n_layer
             _, cache = run_with_cache(run.model, idx, stream_names(n))
