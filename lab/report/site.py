@@ -362,9 +362,12 @@ def registration_of(v: dict) -> dict | None:
 
 
 def registration_class(v: dict) -> str:
-    """preregistered | exploratory | amended | unregistered: how a verdict row counts."""
+    """preregistered | exploratory | amended | unregistered | legacy (recorded before the
+    registry existed): how a verdict row counts."""
     reg = registration_of(v)
-    if reg is None or reg.get("status") in ("unregistered", "changed"):
+    if reg is None:
+        return "legacy"
+    if reg.get("status") in ("unregistered", "changed"):
         return "unregistered"
     if reg.get("status") == "exploratory":
         return "exploratory"
@@ -530,15 +533,16 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
     options = "".join(f'<option value="{t}">{html.escape(TRACKS.get(t, t))}</option>' for t in sorted(tracks_present))
     summary = [
         "| profile | confirmed | refuted | inconclusive | invalid | checks | failed | skipped "
-        "| predictions: pre-registered | exploratory | amended after results | not registered |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| predictions: pre-registered | exploratory | amended after results | not registered "
+        "| recorded before the registry |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in profiles:
         c, r = counts[p], regs[p]
         summary.append(
             f"| **{p}** | {c['confirmed']} | {c['refuted']} | {c['inconclusive']} | {c['invalid']} | {c['check']} "
             f"| {c['failed']} | {c['skipped']} | {r['preregistered']} | {r['exploratory']} | {r['amended']} "
-            f"| {r['unregistered']} |"
+            f"| {r['unregistered']} | {r['legacy']} |"
         )
     last = max(runs.values(), key=lambda r: r["started_at"], default=None)
     return "\n".join(
@@ -556,7 +560,8 @@ def _home(latest: dict[str, dict[str, Result]], profiles: list[str], runs: dict)
             "Hypotheses are counted by their verdict; predictions by how they were registered: "
             "**pre-registered** (committed in `hypotheses/registry.toml` before the first result of "
             "their test), **exploratory** (written after results were seen), **amended after results** "
-            "(changed once results existed; the earlier verdicts stay in the page's history). "
+            "(changed once results existed; the earlier verdicts stay in the page's history). Results "
+            "**recorded before the registry** existed carry no registration: they await a new reference run. "
             "See [how to read a verdict](guide/reading-verdicts.md) and "
             "[how to add a hypothesis](guide/adding-hypotheses.md).",
             "",
