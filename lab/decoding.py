@@ -190,3 +190,47 @@ def hf_context_decode(
     # transformers renamed generate's past_key_values to cache (the old name warns)
     name = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
     return hf_greedy(hf_model, ids, n_new, **{name: cache})
+
+
+# ------------------------------------------------------------------ batched decoding
+
+
+@torch.no_grad()
+def lab_batch_greedy(model, prompts: torch.Tensor, n_new: int) -> tuple[torch.Tensor, float]:
+    """Greedy-decode `n_new` tokens after each row of `prompts` (B, T) at once through the
+    lab model's KV cache: the new tokens (B, n_new) on the CPU and the seconds the whole
+    batch took (cache allocation and prefill included)."""
+    check_int("n_new", n_new, 1)
+    model.eval()
+    device = model.lm_head.weight.device
+    _sync(device)
+    t0 = time.perf_counter()
+    cache = model.new_cache(batch_size=prompts.shape[0], max_len=prompts.shape[1] + n_new)
+    tokens, new = prompts, []
+    for _ in range(n_new):
+        tokens = model(tokens, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
+        new.append(tokens)
+    _sync(device)
+    return torch.cat(new, dim=1).cpu(), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def hf_batch_greedy(hf_model, prompts: torch.Tensor, n_new: int, **generate_kwargs) -> tuple[torch.Tensor, float]:
+    """Greedy `generate` of exactly `n_new` tokens after each row of `prompts` (B, T, equal
+    lengths, so no padding): the new tokens (B, n_new) on the CPU and the seconds the call
+    took. `generate_kwargs` go to `generate`."""
+    check_int("n_new", n_new, 1)
+    device = hf_model.device
+    _sync(device)
+    t0 = time.perf_counter()
+    out = hf_model.generate(
+        prompts,
+        max_new_tokens=n_new,
+        min_new_tokens=n_new,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompts),
+        **generate_kwargs,
+    )
+    _sync(device)
+    return out[:, prompts.shape[1] :].cpu(), time.perf_counter() - t0

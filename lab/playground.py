@@ -187,6 +187,10 @@ class Tokens:
             return f"<{token_id}>"
         return text.replace("\n", "\\n").replace("\t", "\\t") or f"<{token_id}>"
 
+    def quoted(self, token_id: int) -> str:
+        """The piece in quotes for the page's tables (repr would escape its backslashes twice)."""
+        return f"'{self.piece(token_id)}'"
+
 
 @dataclass
 class Loaded:
@@ -424,8 +428,8 @@ def distribution_table(loaded: Loaded, g: Generation) -> list[list]:
     """Rows: step, the token chosen, its probability, the most likely alternatives."""
     rows = []
     for s in g.steps:
-        alts = ", ".join(f"{loaded.tokens.piece(j)!r} {p:.2f}" for j, p in s["top"])
-        rows.append([s["step"], repr(loaded.tokens.piece(s["token"])), round(s["p"], 4), alts])
+        alts = ", ".join(f"{loaded.tokens.quoted(j)} {p:.2f}" for j, p in s["top"])
+        rows.append([s["step"], loaded.tokens.quoted(s["token"]), round(s["p"], 4), alts])
     return rows
 
 
@@ -474,7 +478,7 @@ def logit_lens(loaded: Loaded, prompt: str, top_n: int = 1) -> tuple[list[str], 
         depth = "embedding" if i == 0 else f"after block {i - 1}"
         depths.append(depth)
         cells = [
-            " / ".join(f"{loaded.tokens.piece(int(j))!r} {float(p):.2f}" for p, j in zip(vals, ids))
+            " / ".join(f"{loaded.tokens.quoted(int(j))} {float(p):.2f}" for p, j in zip(vals, ids))
             for vals, ids in zip(top.values, top.indices)
         ]
         rows.append([depth, *cells])
@@ -482,6 +486,11 @@ def logit_lens(loaded: Loaded, prompt: str, top_n: int = 1) -> tuple[list[str], 
 
 
 # ---------------------------------------------------------------- figures
+
+
+def _tick(piece: str) -> str:
+    """A token piece as matplotlib text: a $ would start mathtext."""
+    return piece.replace("$", r"\$")
 
 
 def heatmap_figure(labels: list[str], pattern: torch.Tensor, title: str):
@@ -495,8 +504,8 @@ def heatmap_figure(labels: list[str], pattern: torch.Tensor, title: str):
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     im = ax.imshow(pattern.numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
     ticks = range(n) if n <= 48 else range(0, n, max(1, n // 24))
-    ax.set_xticks(list(ticks), [repr(labels[i])[1:-1] for i in ticks], rotation=90, fontsize=7)
-    ax.set_yticks(list(ticks), [repr(labels[i])[1:-1] for i in ticks], fontsize=7)
+    ax.set_xticks(list(ticks), [_tick(labels[i]) for i in ticks], rotation=90, fontsize=7)
+    ax.set_yticks(list(ticks), [_tick(labels[i]) for i in ticks], fontsize=7)
     ax.set_xlabel("key (attended to)")
     ax.set_ylabel("query")
     ax.set_title(title)
@@ -516,9 +525,12 @@ def curve_figure(run: RunInfo | None):
         steps = [e["step"] for e in run.evals]
         ax.plot(steps, [e.get("train_loss") for e in run.evals], marker="o", ms=3, label="train (eval batches)")
         ax.plot(steps, [e.get("val_loss") for e in run.evals], marker="o", ms=3, label="validation")
+        at: dict[int, list[str]] = {}
         for name, step in run.checkpoints.items():
+            at.setdefault(step, []).append(name)
+        for step, names in at.items():  # last and best often share a step: one label, not two on top
             ax.axvline(step, color="grey", lw=0.8, ls=":")
-            ax.annotate(name, (step, ax.get_ylim()[1]), fontsize=7, ha="right", va="top", rotation=90)
+            ax.annotate(", ".join(names), (step, ax.get_ylim()[1]), fontsize=7, ha="right", va="top", rotation=90)
         ax.legend(fontsize=8)
         ax.set_title(f"{run.key[:8]}: {run.description}", fontsize=8)
     else:
@@ -536,7 +548,7 @@ def distribution_figure(loaded: Loaded, g: Generation, step: int):
     import matplotlib.pyplot as plt
 
     s = g.steps[max(0, min(len(g.steps) - 1, int(step) - 1))]
-    names = [repr(loaded.tokens.piece(j))[1:-1] for j, _ in s["top"]]
+    names = [_tick(loaded.tokens.piece(j)) for j, _ in s["top"]]
     probs = [p for _, p in s["top"]]
     fig, ax = plt.subplots(figsize=(6, 2.8))
     colors = ["tab:orange" if j == s["token"] else "tab:blue" for j, _ in s["top"]]
@@ -544,7 +556,7 @@ def distribution_figure(loaded: Loaded, g: Generation, step: int):
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1)
     ax.set_ylabel("probability")
-    ax.set_title(f"step {s['step']}: sampled {loaded.tokens.piece(s['token'])!r}", fontsize=9)
+    ax.set_title(f"step {s['step']}: sampled {_tick(loaded.tokens.quoted(s['token']))}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -723,7 +735,7 @@ def build_app(root: str | os.PathLike | None = None):
             msg = ""
             try:
                 _, cols, rows = logit_lens(loaded, text)
-                lens_value = {"headers": ["depth", *[f"{i}:{c!r}" for i, c in enumerate(cols)]], "data": rows}
+                lens_value = {"headers": ["depth", *[f"{i}:'{c}'" for i, c in enumerate(cols)]], "data": rows}
             except PlaygroundError as exc:
                 lens_value, msg = None, _message(exc)
             return msg, fig, lens_value if lens_value is not None else gr.skip(), (labels, pats)

@@ -252,6 +252,65 @@ class BayesScale:
 
 
 @dataclass(frozen=True)
+class SamplingScale:
+    """Sizes for curriculum 05's truncation hypotheses (top-k, top-p, their entropy and
+    support), read off each seed's baby GPT at every position of validation windows."""
+
+    n_windows: int  # validation windows, each the baby GPT's context long
+    top_ks: tuple[int, ...]  # the curve of entropy and support against k
+    top_ps: tuple[float, ...]  # and against p
+
+
+@dataclass(frozen=True)
+class MoECostScale:
+    """Sizes for curriculum 08's cost comparison: forward passes of the architecture
+    ablations' dense and MoE models (random init), timed interleaved."""
+
+    batch_size: int  # sequences of the model's context per forward pass
+    rounds: int  # timing rounds (one sample each)
+    iterations: int  # forward passes per round
+
+
+@dataclass(frozen=True)
+class BatchingScale:
+    """Sizes for curriculum 15's throughput by batch size: batched greedy decoding of the
+    inference hypotheses' random-init Llama-style decode model, lab and Hugging Face."""
+
+    batch_sizes: tuple[int, ...]  # ascending, the first 1
+    prompt_len: int  # every row's prompt (random tokens), so no padding
+    new_tokens: int  # greedy tokens per row; prompt_len + new_tokens fits the decode model
+    rounds: int  # timing rounds (one sample each)
+
+
+@dataclass(frozen=True)
+class MaskingScale:
+    """Sizes for curriculum 11's masking-rate sweep: the shared small GPT trained as a
+    masked LM (profile.architecture's budget) at each rate, all scored at one rate."""
+
+    rates: tuple[float, ...]  # training mask rates, ascending; 0.05, 0.15 and 0.25 are predicted on
+    eval_rate: float  # the fixed masking every model is scored with
+
+
+@dataclass(frozen=True)
+class DataQualityScale:
+    """Sizes for curriculum 16's noise-injection and deduplication hypotheses; the model,
+    training budget and evaluation batches are profile.synthetic's."""
+
+    noise_rate: float  # share of characters replaced by random ones, in training and in the noisy evaluation
+    repeated_fraction: float  # share of the training text that is one repeated passage
+    repeats: int  # copies of that passage
+
+
+@dataclass(frozen=True)
+class BatchSizeScale:
+    """Sizes for the pretraining batch-size comparison: the baby GPT at each batch size for
+    the same tokens as the learning-rate sweep's runs (profile.pretraining.sweep_steps x
+    batch_size sequences), so smaller batches take more steps."""
+
+    batch_sizes: tuple[int, ...]  # ascending; each divides sweep_steps x pretraining.batch_size
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     seeds: tuple[int, ...]
@@ -268,6 +327,12 @@ class Profile:
     posttrain: PosttrainScale
     inference_stacks: InferenceStacksScale
     scaling: ScalingScale
+    sampling: SamplingScale
+    moe_cost: MoECostScale
+    batching: BatchingScale
+    masking: MaskingScale
+    data_quality: DataQualityScale
+    batch_size: BatchSizeScale
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -449,6 +514,16 @@ CPU = Profile(
         eval_batches=20,
         n_boot=500,
     ),
+    sampling=SamplingScale(
+        n_windows=64,
+        top_ks=(1, 2, 3, 5, 10, 20, 40, 65),
+        top_ps=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+    ),
+    moe_cost=MoECostScale(batch_size=16, rounds=10, iterations=5),
+    batching=BatchingScale(batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len=16, new_tokens=64, rounds=3),
+    masking=MaskingScale(rates=(0.05, 0.15, 0.25, 0.4), eval_rate=0.15),
+    data_quality=DataQualityScale(noise_rate=0.05, repeated_fraction=0.5, repeats=50),
+    batch_size=BatchSizeScale(batch_sizes=(4, 12, 48)),
 )
 
 GPU = replace(
@@ -601,6 +676,10 @@ GPU = replace(
         eval_batches=50,
         n_boot=1000,
     ),
+    sampling=replace(CPU.sampling, n_windows=256),
+    moe_cost=replace(CPU.moe_cost, batch_size=64, iterations=20),
+    batching=replace(CPU.batching, batch_sizes=(1, 4, 16, 64, 256), new_tokens=128, rounds=5),
+    batch_size=BatchSizeScale(batch_sizes=(16, 64, 256)),
 )
 
 SMOKE = replace(
@@ -768,6 +847,11 @@ SMOKE = replace(
         eval_batches=2,
         n_boot=20,
     ),
+    sampling=replace(CPU.sampling, n_windows=4, top_ks=(1, 10, 65), top_ps=(0.5, 0.9, 1.0)),
+    moe_cost=replace(CPU.moe_cost, batch_size=2, rounds=2, iterations=1),
+    batching=replace(CPU.batching, batch_sizes=(1, 4), prompt_len=4, new_tokens=8, rounds=2),
+    masking=replace(CPU.masking, rates=(0.05, 0.15, 0.25)),
+    batch_size=BatchSizeScale(batch_sizes=(4, 16)),
 )
 
 PROFILES: dict[str, Profile] = {"smoke": SMOKE, "cpu": CPU, "gpu": GPU}

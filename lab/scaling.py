@@ -472,3 +472,37 @@ def non_embedding_params(model_config) -> int:
 def training_tokens(train_config, model_config) -> int:
     """D: tokens a causal-LM run predicts, max_steps * batch_size * block_size."""
     return int(train_config.max_steps * train_config.batch_size * model_config.block_size)
+
+
+def pareto_front(costs: Sequence[float], losses: Sequence[float]) -> list[int]:
+    """Indices of the points no other point dominates (a cost and a loss both at most its
+    own, one of them strictly smaller), sorted by cost: the best loss each budget buys."""
+    c, y = _positive_array(costs, "costs"), np.asarray(losses, dtype=float)
+    if len(c) != len(y):
+        raise ValueError(f"costs and losses must have the same length, got {len(c)} and {len(y)}")
+    front = [
+        i
+        for i in range(len(c))
+        if not any(c[j] <= c[i] and y[j] <= y[i] and (c[j] < c[i] or y[j] < y[i]) for j in range(len(c)))
+    ]
+    return sorted(front, key=lambda i: (c[i], y[i]))
+
+
+def family_run(lab, data, scale, seed: int, budget_index: int = -1):
+    """One run of curriculum 13's scaling family: the model of `scale` trained on `data`
+    for the profile's budgets[budget_index] steps with the family's batch, lr and schedule
+    (warmup a tenth of the steps, cosine to the end). Cached by the lab like any run, so
+    every hypothesis asking for the same run shares it."""
+    s = lab.profile.scaling
+    steps = s.budgets[budget_index]
+    return lab.pretrain(
+        data,
+        lab.model_config(data, scale),
+        seed=seed,
+        max_steps=steps,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        warmup_steps=max(1, steps // 10),
+        eval_interval=steps,
+        eval_batches=s.eval_batches,
+    )

@@ -14,7 +14,6 @@ import ast
 import hashlib
 import json
 import math
-from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -102,6 +101,14 @@ class Lab:
         tok = self.tokenizer(tokenizer, corpus) if isinstance(tokenizer, str) else tokenizer
         return prepare(corpus, tok, train_fraction=train_fraction)
 
+    def dataset(self, corpus: str = "tinyshakespeare", tokenizer="char", *, block_size: int | None = None):
+        """`self.data(corpus, tokenizer)` as a Hugging Face DatasetDict {"train", "validation"}:
+        its token arrays in consecutive rows of `block_size` ids (default: the profile's baby
+        context). See lab.hf_splits.token_splits."""
+        from lab.hf_splits import token_splits
+
+        return token_splits(self.data(corpus, tokenizer), block_size or self.profile.pretraining.baby.block_size)
+
     # -- models ---------------------------------------------------------------------
 
     def model_config(self, data: TokenData, scale: ModelScale | None = None, **overrides) -> GPTConfig:
@@ -132,13 +139,16 @@ class Lab:
         return self.model_config(data, scale or self.profile.inference.llama, **{**llama, **overrides})
 
     def train_config(self, *, seed: int, **overrides) -> TrainConfig:
-        base = TrainConfig(**_schedule(self.profile.pretraining), seed=seed, device=self.device)
-        cfg = replace(base, **overrides)
-        if "max_steps" in overrides and "warmup_steps" not in overrides:
-            cfg = replace(cfg, warmup_steps=min(cfg.warmup_steps, cfg.max_steps // 10))
-        if "max_steps" in overrides and "eval_interval" not in overrides:
-            cfg = replace(cfg, eval_interval=max(1, min(cfg.eval_interval, cfg.max_steps // 4)))
-        return cfg
+        settings = {**_schedule(self.profile.pretraining), "seed": seed, "device": self.device}
+        steps = overrides.get("max_steps")
+        # a shorter run scales the profile's warm-up and evaluation interval down with it, before
+        # TrainConfig checks them (the profile's 100 warm-up steps do not fit in max_steps=5)
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+            if "warmup_steps" not in overrides:
+                settings["warmup_steps"] = min(settings["warmup_steps"], steps // 10)
+            if "eval_interval" not in overrides:
+                settings["eval_interval"] = max(1, min(settings["eval_interval"], steps // 4))
+        return TrainConfig(**{**settings, **overrides})
 
     def pretrain(
         self, data: TokenData, model_config: GPTConfig, *, seed: int, init_from=None, **train_overrides

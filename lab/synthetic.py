@@ -326,3 +326,66 @@ def collapse_chain(
         parts += [f"real text ({n_real:,} chars)"] if n_real else []
         chain.append(step(g, text, n_real, n_syn, " + ".join(parts)))
     return chain
+
+
+# ---------------------------------------------------------------- noise and duplicates
+
+
+def inject_noise(ids: torch.Tensor, rate: float, vocab_size: int, *, generator: torch.Generator) -> torch.Tensor:
+    """A copy of the token ids `ids` with each position, independently with probability
+    `rate`, replaced by a token drawn uniformly from the vocabulary (it may draw the same
+    token). Draws come from `generator` on the CPU, so the noise is reproducible."""
+    FRACTION.check("rate", rate)
+    POSITIVE_INT.check("vocab_size", vocab_size)
+    hit = torch.rand(ids.shape, generator=generator) < rate
+    noise = torch.randint(0, vocab_size, ids.shape, generator=generator)
+    return torch.where(hit.to(ids.device), noise.to(ids.device, ids.dtype), ids)
+
+
+def noisy_text(text: str, tokenizer, rate: float, *, seed: int) -> str:
+    """`text` with a share `rate` of its tokens replaced by uniformly random ones (inject_noise
+    through the tokenizer): character noise for a character tokenizer."""
+    _check_text(text, "text")
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    noisy = inject_noise(ids, rate, tokenizer.vocab_size, generator=torch.Generator().manual_seed(seed))
+    return tokenizer.decode(noisy.tolist())
+
+
+def dedup_pieces(pieces: Iterable[str]) -> list[str]:
+    """The pieces with every exact repeat of an earlier piece dropped, order kept."""
+    seen, out = set(), []
+    for p in pieces:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+@dataclass(frozen=True)
+class RepeatedCorpus:
+    """A training text in which one passage is repeated, and the same text deduplicated."""
+
+    with_repeats: str  # n_chars: unique text interleaved with `repeats` copies of the passage
+    deduplicated: str  # the same pieces with the repeated copies dropped (the passage once)
+    passage: str  # the repeated passage
+
+
+def repeated_corpus(text: str, *, n_chars: int, repeated_fraction: float, repeats: int) -> RepeatedCorpus:
+    """From the start of `text`: a corpus of `n_chars` characters in which a share
+    `repeated_fraction` is one passage (the text right after the unique part) repeated
+    `repeats` times, the copies spread evenly between equal slices of the unique text,
+    and its exact deduplication (dedup_pieces), which keeps the passage once."""
+    _check_text(text, "text")
+    POSITIVE_INT.check("n_chars", n_chars)
+    FRACTION.check("repeated_fraction", repeated_fraction)
+    check_int("repeats", repeats, 2)
+    passage_len = round(n_chars * repeated_fraction) // repeats
+    if passage_len < 1:
+        raise ValueError(f"{repeated_fraction} of {n_chars:,} characters cannot hold {repeats} copies of a passage")
+    n_unique = n_chars - passage_len * repeats
+    if len(text) < n_unique + passage_len:
+        raise ValueError(f"text has {len(text):,} characters; the corpus needs {n_unique + passage_len:,}")
+    passage = text[n_unique : n_unique + passage_len]
+    bounds = [round(i * n_unique / repeats) for i in range(repeats + 1)]
+    pieces = [p for i in range(repeats) for p in (text[bounds[i] : bounds[i + 1]], passage)]
+    return RepeatedCorpus("".join(pieces), "".join(dedup_pieces(pieces)), passage)

@@ -53,3 +53,28 @@ def test_the_guide_hypothesis_gets_a_verdict_when_copied_into_hypotheses(tmp_pat
     assert rows, f"no result recorded for {name}: {run.stdout[-2000:]}"
     status, verdict = rows[-1]
     assert status == "passed" and verdict in {"confirmed", "refuted", "inconclusive", "invalid"}, rows
+
+
+def test_the_library_guides_side_by_side_table_names_what_exists():
+    """Every test the "Written out, and the library that does the same" table cites exists,
+    and every lab name in it imports: a renamed test or function fails here, not on the site."""
+    import importlib
+
+    page = (ROOT / "docs" / "guide" / "library.md").read_text()
+    section = page.split("## Written out, and the library that does the same", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 9, rows
+    cited = re.findall(r"`((?:tests|hypotheses)/[\w/]+\.py)::(\w+)`", section)
+    assert len(cited) >= 12
+    for path, name in cited:
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), flags=re.M), f"{path}::{name} does not exist"
+    for dotted in re.findall(r"`(lab(?:\.\w+)+)`", section):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)  # AttributeError names the missing piece

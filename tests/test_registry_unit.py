@@ -2,6 +2,7 @@
 tests/test_registry.py runs the same rules end to end through pytest)."""
 
 import json
+import os
 import sqlite3
 import subprocess
 
@@ -837,3 +838,19 @@ def test_a_prediction_that_ran_before_its_commit_is_exploratory(repo):
         "committed only after its first result (before the registry existed)",
     )
     assert out.registered == "2026-01-05T00:00:00Z" and out.amendments == []
+
+
+def test_constants_hash_the_same_in_every_process():
+    """A set constant's repr follows string hashing, randomised per process: the
+    fingerprint sorts it, so a registered test that reads one does not drift."""
+    import subprocess
+    import sys
+
+    code = "from lab.report.fingerprint import stable_repr; print(stable_repr({'k': frozenset('aeiou'), 't': (1,)}))"
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(s)}, capture_output=True, text=True
+        ).stdout
+        for s in range(4)
+    }
+    assert len(outs) == 1 and "frozenset" in outs.pop()

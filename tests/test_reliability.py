@@ -1108,7 +1108,8 @@ def test_every_run_records_every_pinned_runtime_library(project, tmp_path):
         packages = json.loads(s.query("SELECT packages FROM runs")[0]["packages"])
     pins = _constraints()
     for name in TRACKED_PACKAGES:
-        if _norm(name) in pins:
+        # an optional extra (lm-eval, transformer-lens) is pinned but recorded only where installed
+        if _norm(name) in pins and (name in packages or _norm(name) in _needed()):
             assert _base_version(packages[name]) == pins[_norm(name)]
 
 
@@ -1200,3 +1201,25 @@ def test_every_training_cache_holds_a_lock_on_its_entry(cache_kind, hf_base, cac
         train_tunnel(task, lambda: TunnelTransformer(task, n_layer=1, n_head=2, n_embd=8), cfg)
     entries = [p for p in (cache / cache_kind).iterdir() if p.is_dir()]
     assert held and held == entries
+
+
+def test_a_run_after_an_uncommitted_run_still_names_a_clean_commit(tmp_path):
+    """The store and the pages a run writes are outputs: left uncommitted they do not make
+    the next run's tree dirty; any other change does."""
+    from lab.report.provenance import RESULT_OUTPUTS, git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for rel in (*RESULT_OUTPUTS[:1], "docs/index.md", "docs/hypotheses/a.md", "lab.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("v1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    for rel in (RESULT_OUTPUTS[0], "docs/index.md", "docs/hypotheses/a.md"):
+        (tmp_path / rel).write_text("v2\n")
+    commit, dirty = git_state(tmp_path)
+    assert commit and dirty is False
+    (tmp_path / "lab.py").write_text("v2\n")
+    assert git_state(tmp_path)[1] is True

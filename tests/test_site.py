@@ -50,7 +50,7 @@ def _mkdocs_build(docs_root: Path, site_dir: Path) -> subprocess.CompletedProces
 def _copy_site_sources(dest: Path) -> None:
     shutil.copy(ROOT / "mkdocs.yml", dest / "mkdocs.yml")
     (dest / "docs").mkdir(exist_ok=True)
-    for sub in ("guide", "javascripts", "stylesheets"):
+    for sub in ("guide", "javascripts", "stylesheets", "assets"):
         shutil.copytree(ROOT / "docs" / sub, dest / "docs" / sub)
 
 
@@ -85,14 +85,6 @@ def test_generated_pages_build_strict(pytester, tmp_path):
     assert not list((tmp_path / "docs").glob(".lab-*"))
 
 
-def _chromium():
-    for browser in ("chromium", "chromium-browser"):
-        path = shutil.which(browser)
-        if path and shutil.which("chromedriver"):
-            return path
-    return None
-
-
 @pytest.fixture(scope="module")
 def served_site(tmp_path_factory):
     """The committed reference site, built and served on localhost."""
@@ -104,35 +96,6 @@ def served_site(tmp_path_factory):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = _chromium()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install chromium and chromium-driver (see install.sh --test)")
-        pytest.skip("headless Chromium not installed (bash install.sh --test installs it as root)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = path
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1280,1600",
-    ):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    yield driver
-    driver.quit()
 
 
 def test_reference_site_renders_in_chromium(served_site, browser):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lab.ablations import compare_runs
+from lab.inspect.positions import alibi_matrix, cosine_matrix, encoding_table, offset_means, toeplitz_deviation
 from lab.report import at_least, at_most, check, greater_than, less_than, prediction
 from lab.train import per_position_loss
 
@@ -181,3 +182,155 @@ def test_rope_degrades_past_trained_length(lab, pos_runs, long_context_loss, out
             outcome.record(f"rope_degradation_at_{c}", degradation(curves, trained, c), seed=seed, unit="nats/char")
     _plot_long_context(lab, long_context_loss, outcome)
     require_trained(pos_runs["rope"], "each seed's RoPE model")
+
+
+def _encoding_figure(panels):
+    """One column per encoding: its position table above, its similarity matrix below."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 6.2), squeeze=False)
+    for c, (name, table, sim, sim_label) in enumerate(panels):
+        top, bottom = axes[0][c], axes[1][c]
+        if table is None:
+            top.axis("off")
+            top.text(0.5, 0.5, f"{name}: no position vectors", ha="center", va="center", fontsize=8)
+        else:
+            fig.colorbar(top.imshow(table.T, aspect="auto", cmap="RdBu_r", interpolation="nearest"), ax=top)
+            top.set_title(f"{name}: vectors", fontsize=9)
+            top.set_xlabel("position", fontsize=8)
+            top.set_ylabel("dimension", fontsize=8)
+        fig.colorbar(bottom.imshow(sim, cmap="viridis", interpolation="nearest"), ax=bottom)
+        bottom.set_title(f"{name}: {sim_label}", fontsize=9)
+        bottom.set_xlabel("position", fontsize=8)
+        bottom.set_ylabel("position", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@check(
+    "The sinusoidal and RoPE position-by-position similarities depend only on the offset between positions "
+    "(largest spread along a diagonal at most {bound})",
+    metric="fixed_toeplitz_deviation",
+    expect=at_most(1e-5),
+)
+def test_fixed_encodings_depend_only_on_offset(lab, char_data, outcome):
+    """Do the fixed encodings' similarities depend only on the distance between positions?
+
+    For the shared small GPT's sinusoidal table and its RoPE rotation ((cos, sin) of
+    each frequency, one vector per position), compute the cosine similarity of every
+    pair of positions over the trained context, and the largest spread of the values
+    along any diagonal (0 when similarity is a function of the offset j - i alone). A
+    check, not a finding: cos(a)cos(b) + sin(a)sin(b) = cos(a - b) for every frequency.
+    """
+    n = lab.profile.architecture.model.block_size
+    worst = 0.0
+    for pos in ("sinusoidal", "rope"):
+        config = lab.arch_config(char_data, pos=pos)
+        deviation = toeplitz_deviation(cosine_matrix(encoding_table(config, n)))
+        outcome.record(f"{pos}_toeplitz_deviation", deviation, deterministic=True)
+        worst = max(worst, deviation)
+    outcome.record("fixed_toeplitz_deviation", worst, deterministic=True)
+
+
+@prediction(
+    "Learned position embeddings become smooth: neighbouring positions (offset 1) are more cosine-similar than "
+    "positions at least half the context apart",
+    metric="learned_adjacent_cosine",
+    expect=greater_than("learned_far_cosine"),
+)
+def test_position_similarity_heatmaps(lab, char_data, pos_runs, outcome, require_trained):
+    """What does each encoding look like, and how similar are its positions to each other?
+
+    Heatmaps of each encoding over the trained context of the shared small GPT: the
+    learned table (the first seed's trained model), the sinusoids and RoPE's (cos, sin)
+    per frequency as position x dimension images, each with its position-by-position
+    cosine-similarity matrix; ALiBi has no vectors, so its panel is its attention bias
+    from each query to each key (averaged over heads); NoPE has nothing to show. The
+    statistic is the learned table's mean cosine between neighbouring positions (offset
+    1) against its mean cosine between positions at least half the context apart, one
+    value of each per seed, paired. At initialisation both are about 0 (independent
+    random vectors); only training can make neighbours alike. The mean similarity at
+    each offset is plotted for the learned (every seed), sinusoidal and RoPE tables.
+    """
+    n = lab.profile.architecture.model.block_size
+    learned = {seed: run for seed, run in pos_runs["learned"].items() if not isinstance(run, Exception)}
+    curves = {}
+    for seed, run in learned.items():
+        by_offset = offset_means(cosine_matrix(encoding_table(run.model.config, n, run.model)))
+        outcome.record("learned_adjacent_cosine", float(by_offset[1]), seed=seed)
+        outcome.record("learned_far_cosine", float(by_offset[n // 2 :].mean()), seed=seed)
+        curves[f"learned, seed {seed}"] = (list(range(n)), by_offset.tolist())
+    panels = []
+    if learned:
+        first = learned[min(learned)].model
+        table = encoding_table(first.config, n, first)
+        panels.append(("learned", table, cosine_matrix(table), "cosine similarity"))
+    for pos in ("sinusoidal", "rope"):
+        table = encoding_table(lab.arch_config(char_data, pos=pos), n)
+        sim = cosine_matrix(table)
+        curves[pos] = (list(range(n)), offset_means(sim).tolist())
+        panels.append((pos, table, sim, "cosine similarity"))
+    panels.append(("alibi", None, alibi_matrix(lab.arch_config(char_data, pos="alibi"), n), "attention bias"))
+    outcome.plot("encodings", _encoding_figure(panels), caption="Each encoding and its position-by-position matrix")
+    outcome.plot_lines(
+        "similarity_by_offset",
+        curves,
+        xlabel="offset j - i",
+        ylabel="mean cosine similarity",
+        title="Similarity of two positions by their distance",
+    )
+    require_trained({"learned positions": pos_runs["learned"]}, "every learned-position model")
+
+
+@prediction(
+    "Training on the longer context beats extrapolating to it: a RoPE model trained at twice the length (same tokens "
+    "per step) has lower loss at the positions past the short model's trained length than the short RoPE model",
+    metric="long_trained_past_loss",
+    expect=less_than("rope_extrapolated_past_loss"),
+)
+def test_training_long_beats_extrapolating(
+    lab, char_data, ablation_runs, pos_runs, long_context_loss, outcome, require_trained
+):
+    """Is it better to train on the longer context than to extrapolate to it?
+
+    Curriculum 07's advice ("extrapolation is hard; better to train on long sequences").
+    Train the shared small RoPE GPT at the second evaluation context (twice the trained
+    length on the cpu profile) with the batch shrunk to keep the tokens per step, the same
+    steps and seeds, and compare its per-position validation loss at that context with
+    the RoPE model trained at the short length and read at the longer one (the
+    long-context evaluation every encoding gets: the same fixed windows). The statistic
+    is the mean loss at the positions past the short length, paired by seed; ALiBi's
+    extrapolation and both models' loss within the short length are recorded beside it.
+    Valid only if every model trained.
+    """
+    a = lab.profile.architecture
+    trained, longer = a.model.block_size, a.eval_contexts[1]
+    batch = max(1, a.batch_size * trained // longer)
+    long_runs = ablation_runs(train=dict(batch_size=batch), pos="rope", block_size=longer)
+    lines = {}
+    for seed, run in long_runs.items():
+        if isinstance(run, Exception):
+            continue
+        curve = per_position_loss(
+            run.model, char_data.val, block_size=longer, batch_size=a.batch_size, n_batches=a.eval_batches
+        )
+        short = long_context_loss["rope"][seed][longer]
+        outcome.record("long_trained_past_loss", float(curve[trained:].mean()), seed=seed, unit="nats/char")
+        outcome.record("rope_extrapolated_past_loss", float(short[trained:].mean()), seed=seed, unit="nats/char")
+        alibi = long_context_loss["alibi"][seed][longer]
+        outcome.record("alibi_extrapolated_past_loss", float(alibi[trained:].mean()), seed=seed, unit="nats/char")
+        outcome.record("long_trained_within_loss", float(curve[:trained].mean()), seed=seed, unit="nats/char")
+        outcome.record("rope_short_within_loss", float(short[:trained].mean()), seed=seed, unit="nats/char")
+        lines[f"trained at {longer}, seed {seed}"] = (np.arange(longer), curve)
+        lines[f"trained at {trained}, read at {longer}, seed {seed}"] = (np.arange(longer), short)
+    outcome.plot_lines(
+        "per_position",
+        lines,
+        xlabel=f"position (the short model trained on the first {trained})",
+        ylabel="val loss (nats/char)",
+        title=f"RoPE at context {longer}: trained there vs extrapolating",
+    )
+    outcome.note(
+        f"the long model trains on batches of {batch} x {longer} tokens, the short ones on {a.batch_size} x {trained}"
+    )
+    require_trained({"trained long": long_runs, "RoPE": pos_runs["rope"], "ALiBi": pos_runs["alibi"]}, "every model")

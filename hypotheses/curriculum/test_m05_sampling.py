@@ -5,8 +5,10 @@ import torch
 
 from lab.data import split_text
 from lab.diversity import distinct_n, loop_start
-from lab.report import at_least, less_than, prediction
+from lab.inspect.texts import windows
+from lab.report import at_least, at_most, greater_than, less_than, prediction
 from lab.report.intervals import spearman
+from lab.truncation import entropy_nats, top_p_matching_entropy, truncated_probs
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m05_sampling]
 
@@ -133,4 +135,139 @@ def test_top_p_lowers_surprisal(lab, char_data, baby_runs, outcome, require_trai
         f"for reference, the uniform distribution over {char_data.vocab_size} characters has surprisal "
         f"{math.log(char_data.vocab_size):.2f} nats"
     )
+    require_trained(baby_runs, "each seed's baby GPT")
+
+
+# The seed's "focused" settings (temperature 0.7, top_k=10, top_p=0.9) name these filters.
+TOP_K = 10
+TOP_P = 0.9
+# A token the untruncated model gives less than this is "unlikely" (uniform over 65 chars: 1.5%).
+UNLIKELY = 0.01
+# Top-k and top-p count as matched when their mean entropies differ by at most this.
+MATCH_TOLERANCE = 0.02  # nats
+
+
+@prediction(
+    "Top-k sampling (k = 10) yields lower per-token surprisal under the model than pure sampling at T=1",
+    metric="surprisal_top_k",
+    expect=less_than("surprisal_pure"),
+)
+def test_top_k_lowers_surprisal(lab, char_data, baby_runs, outcome, require_trained):
+    """Does top-k sampling lower the surprisal of what is sampled?
+
+    The top-p hypothesis' method with top-k = 10 instead (the seed's "focused" setting):
+    with each seed's baby GPT, sample from every prompt at T=1 unrestricted and with
+    top-k = 10, score each sampled token by its surprisal (-ln p) under the model's
+    unmodified T=1 distribution, and average per token. Compared per seed.
+    """
+    inf = lab.profile.inference
+    prompts = _prompts(lab, char_data, inf.n_prompts)
+    for seed, run in baby_runs.items():
+        pure = _sample(run.model, prompts, inf.sample_len, seed=seed, temperature=1.0)
+        top_k = _sample(run.model, prompts, inf.sample_len, seed=seed, temperature=1.0, top_k=TOP_K)
+        outcome.record("surprisal_pure", _mean_surprisal(run.model, prompts, pure), seed=seed, unit="nats/token")
+        outcome.record("surprisal_top_k", _mean_surprisal(run.model, prompts, top_k), seed=seed, unit="nats/token")
+    require_trained(baby_runs, "each seed's baby GPT")
+
+
+@torch.no_grad()
+def _next_token_logits(lab, data, model) -> torch.Tensor:
+    """(N, V): the model's logits at every position of the profile's validation windows."""
+    x, _ = windows(data.val, lab.profile.sampling.n_windows, model.config.block_size)
+    logits, _ = model(x)
+    return logits.reshape(-1, logits.size(-1)).float()
+
+
+@prediction(
+    "Nucleus sampling at p = 0.9 keeps on average at most {bound} of the 65 characters",
+    metric="support_top_p",
+    expect=at_most(12),
+)
+@prediction(
+    "Truncating at p = 0.9 removes at least {bound} of the mean entropy of the model's next-character distribution",
+    metric="entropy_removed_top_p",
+    expect=at_least(0.2),
+)
+def test_truncation_entropy_and_support(lab, char_data, baby_runs, outcome, require_trained):
+    """How much entropy and support do top-k and top-p leave of the model's next-token distributions?
+
+    For each seed's baby GPT, take its next-character distribution (T=1) at every
+    position of the profile's validation windows (each the model's context long) and
+    truncate it with top-k for every k of the profile's grid and with top-p for every p
+    of its grid, renormalising what is kept, exactly as sampling does. For each, the
+    mean entropy (nats) and the mean support (characters kept) over positions. The
+    statistics are the mean support at p = 0.9 and the share of the untruncated mean
+    entropy that p = 0.9 removes (1 - H(p=0.9) / H(full)), one value per seed. The
+    spread of the support over positions (its standard deviation) is recorded too: top-k
+    keeps k everywhere, top-p as many as the context needs.
+    """
+    s = lab.profile.sampling
+    entropy_curves, support_curves = {}, {}
+    for seed, run in baby_runs.items():
+        logits = _next_token_logits(lab, char_data, run.model)
+        full = entropy_nats(truncated_probs(logits)).mean().item()
+        by_k = [truncated_probs(logits, top_k=k) for k in s.top_ks]
+        by_p = [truncated_probs(logits, top_p=p) for p in s.top_ps]
+        nucleus = truncated_probs(logits, top_p=TOP_P)
+        support = (nucleus > 0).sum(-1).float()
+        outcome.record("entropy_full", full, seed=seed, unit="nats")
+        outcome.record("support_top_p", support.mean().item(), seed=seed, unit="characters")
+        outcome.record("support_top_p_std", support.std().item(), seed=seed, unit="characters")
+        outcome.record("entropy_removed_top_p", 1 - entropy_nats(nucleus).mean().item() / full, seed=seed)
+        entropy_curves[f"top-k, seed {seed}"] = (list(s.top_ks), [entropy_nats(q).mean().item() for q in by_k])
+        support_curves[f"top-p, seed {seed}"] = (list(s.top_ps), [(q > 0).sum(-1).float().mean().item() for q in by_p])
+        entropy_curves[f"top-p (x = 100 p), seed {seed}"] = (
+            [100 * p for p in s.top_ps],
+            [entropy_nats(q).mean().item() for q in by_p],
+        )
+    outcome.plot_lines(
+        "entropy",
+        entropy_curves,
+        xlabel="k, or 100 p",
+        ylabel="mean entropy (nats)",
+        title="Entropy left by truncation",
+    )
+    outcome.plot_lines(
+        "support", support_curves, xlabel="p", ylabel="mean characters kept", title="Support of the nucleus"
+    )
+    require_trained(baby_runs, "each seed's baby GPT")
+
+
+@prediction(
+    "At matched mean entropy, top-k (k = 10) puts more of its probability on unlikely characters (below 1% under "
+    "the untruncated model) than top-p does",
+    metric="unlikely_mass_top_k",
+    expect=greater_than("unlikely_mass_top_p"),
+)
+def test_top_k_vs_top_p_at_matched_entropy(lab, char_data, baby_runs, outcome, require_trained):
+    """At matched entropy, does top-k admit more unlikely tokens than top-p?
+
+    "Use one, not both": the two filters cut the same distribution differently. For
+    each seed's baby GPT, take its next-character distributions (T=1) at every
+    position of the profile's validation windows, truncate them with top-k = 10, and
+    find by bisection the top-p whose truncated distributions have the same mean
+    entropy. Top-k keeps 10 characters everywhere, so where the model is sure it keeps
+    characters the model all but rules out, and where it is unsure it cuts plausible
+    ones; top-p keeps as many as the mass needs. The statistic is the probability
+    each truncated distribution puts on characters the untruncated model gives less
+    than 1%: the expected share of sampled characters that are unlikely (exact, no
+    sampling), averaged over positions, per seed. Valid when the two mean entropies
+    match within 0.02 nats.
+    """
+    for seed, run in baby_runs.items():
+        logits = _next_token_logits(lab, char_data, run.model)
+        unlikely = torch.softmax(logits, -1) < UNLIKELY
+        by_k = truncated_probs(logits, top_k=TOP_K)
+        h_k = entropy_nats(by_k).mean().item()
+        p = top_p_matching_entropy(logits, h_k)
+        by_p = truncated_probs(logits, top_p=p)
+        h_p = entropy_nats(by_p).mean().item()
+        outcome.require(
+            f"seed {seed}: entropies matched",
+            abs(h_k - h_p) <= MATCH_TOLERANCE,
+            f"top-k {h_k:.3f} vs top-p {p:.3f}: {h_p:.3f} nats (tolerance {MATCH_TOLERANCE})",
+        )
+        outcome.record("matched_top_p", p, seed=seed)
+        outcome.record("unlikely_mass_top_k", (by_k * unlikely).sum(-1).mean().item(), seed=seed)
+        outcome.record("unlikely_mass_top_p", (by_p * unlikely).sum(-1).mean().item(), seed=seed)
     require_trained(baby_runs, "each seed's baby GPT")

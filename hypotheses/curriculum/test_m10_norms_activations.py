@@ -10,6 +10,7 @@ from lab.ablations import compare_runs
 from lab.data import get_batch
 from lab.models import GPT
 from lab.report import between, less_than, prediction
+from lab.report.plots import heatmap_grid
 from lab.seeding import seed_everything
 from lab.train import make_optimizer, train_step
 
@@ -130,3 +131,80 @@ def test_activations_at_matched_parameters(lab, ablation_runs, outcome, require_
         "max_param_gap", (max(params.values()) - min(params.values())) / min(params.values()), deterministic=True
     )
     require_trained(runs, "every model")
+
+
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+# The convergence target: each seed's GPT-2 combination's final val loss plus this.
+TARGET_MARGIN = 0.1  # nats/char
+
+
+def _steps_to(run, target: float) -> float:
+    """The optimizer step at which the run's validation loss first reaches `target`,
+    interpolated linearly between evaluations; inf if it never does."""
+    evals = [(e["step"], e["val_loss"]) for e in run.evals]
+    for (s0, l0), (s1, l1) in zip(evals, evals[1:]):
+        if l1 <= target:
+            return float(s0 + (s1 - s0) * (l0 - target) / (l0 - l1)) if l0 > target else float(s0)
+    return float(evals[0][0]) if evals and evals[0][1] <= target else float("inf")
+
+
+@prediction(
+    "Llama's combination (RMSNorm + SwiGLU) ends with lower val loss than GPT-2's (LayerNorm + GELU)",
+    metric="rmsnorm_swiglu_val_loss",
+    expect=less_than("layernorm_gelu_val_loss"),
+)
+@prediction(
+    "Llama's combination converges faster: it reaches GPT-2's final val loss + 0.1 nats in fewer steps",
+    metric="rmsnorm_swiglu_steps",
+    expect=less_than("layernorm_gelu_steps"),
+)
+def test_norm_activation_grid(lab, ablation_runs, outcome, require_trained):
+    """How do norm and activation combine, for convergence speed and stability?
+
+    Train the shared small GPT with every combination of norm (LayerNorm, RMSNorm) and
+    MLP activation (GELU, ReLU, SwiGLU at the same weight count), everything else
+    fixed, the same data order, budget and seeds. Per seed, the convergence target is
+    the GPT-2 combination's (LayerNorm + GELU) final validation loss + 0.1 nats; each
+    run's speed is the step at which its validation loss first reaches that target
+    (linear between evaluations; a run that never does counts the whole budget). For
+    stability, the largest pre-clip gradient norm of each run and whether it diverged.
+    Final loss and speed are compared between Llama's and GPT-2's combinations, paired
+    by seed; the whole grid is tabled and drawn.
+    """
+    a = lab.profile.architecture
+    grid = {(n, m): ablation_runs(norm=n, mlp=m) for n in NORMS for m in ACTIVATIONS}
+    rows, losses = [], torch.zeros(len(NORMS), len(ACTIVATIONS))
+    for (n, m), by_seed in grid.items():
+        ok = {s: r for s, r in by_seed.items() if not isinstance(r, Exception)}
+        steps = []
+        for seed, run in ok.items():
+            target = grid[("layernorm", "gelu")][seed].final_val_loss + TARGET_MARGIN
+            steps.append(min(_steps_to(run, target), float(a.steps)))
+            outcome.record(f"{n}_{m}_val_loss", run.final_val_loss, seed=seed, unit="nats/char")
+            outcome.record(f"{n}_{m}_steps", steps[-1], seed=seed, unit="steps")
+            outcome.record(f"{n}_{m}_max_grad_norm", max(h["grad_norm"] for h in run.history), seed=seed)
+        mean_loss = sum(r.final_val_loss for r in ok.values()) / max(1, len(ok))
+        losses[NORMS.index(n), ACTIVATIONS.index(m)] = mean_loss
+        rows.append(
+            {
+                "norm": n,
+                "activation": m,
+                "final val loss (mean)": round(mean_loss, 4),
+                "steps to target (mean)": round(sum(steps) / max(1, len(steps)), 1),
+                "largest grad norm": round(
+                    max((max(h["grad_norm"] for h in r.history) for r in ok.values()), default=0), 3
+                ),
+                "diverged": len(by_seed) - len(ok),
+            }
+        )
+    outcome.table(
+        "grid", rows, caption=f"Norm x activation; target = LayerNorm + GELU's final val loss + {TARGET_MARGIN}"
+    )
+    fig = heatmap_grid(
+        [[losses.numpy()]], vmin=None, title="Final val loss (mean over seeds): norm (rows) x activation"
+    )
+    ax = fig.axes[0]
+    ax.set_xticks(range(len(ACTIVATIONS)), ACTIVATIONS)
+    ax.set_yticks(range(len(NORMS)), NORMS)
+    outcome.plot("grid", fig, caption="Final validation loss of every combination")
+    require_trained({f"{n} + {m}": runs for (n, m), runs in grid.items()}, "every combination")

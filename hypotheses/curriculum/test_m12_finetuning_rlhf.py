@@ -737,3 +737,72 @@ def test_trl_reproduces_the_written_out_loops(lab, bench, trl_bench, outcome):
         "first-step losses (lab, trl): " + ", ".join(f"{st} s{sd} {a:.5f}/{b:.5f}" for st, sd, a, b in starts),
     )
     _require_fell(outcome, "every trl run", trl_histories)
+
+
+def _plain_sft(bench, seed):
+    """(model, history): the SFT of test_sft_learns_format with the instruction wrapper
+    removed: the same words, each split as "th" -> "ee\\n" (the prompt is the bare prefix,
+    the answer the rest of the word), the same steps, batch, lr and seed."""
+    s, history = bench.s, []
+    prompts, answers = bench.task.sft_examples(s.sft_examples, _gen(seed, "sft_data"))
+    n = bench.task.prefix_len
+    plain_prompts = [a[:n] for a in answers]
+    plain_answers = [a[n:] for a in answers]
+    model = sft(
+        bench.base(seed),
+        bench.tok,
+        plain_prompts,
+        plain_answers,
+        steps=s.sft_steps,
+        batch_size=s.sft_batch_size,
+        lr=s.sft_lr,
+        seed=seed,
+        history=history,
+    )
+    return model, history
+
+
+@prediction(
+    "The instruction format matters: SFT on 'name th: ' -> 'thee' answers held-out prefixes with a known word more "
+    "often than the same SFT on the bare 'th' -> 'ee'",
+    metric="known_word_instruction",
+    expect=greater_than("known_word_plain"),
+)
+def test_instruction_format_vs_plain_sft(lab, bench, outcome):
+    """Does the instruction format matter, against plain SFT on the same words?
+
+    Two SFT runs per seed of the baby GPT on the same words of the training prefixes,
+    the same steps, batch, learning rate and seed: the instruction format of the word
+    task ("name th: " -> "thee\\n", the SFT model of the format hypothesis) and a plain
+    format without the instruction (the bare prefix "th" -> "ee\\n": the model completes
+    the word, as in pretraining text). Sample one answer per held-out prompt (prefixes no
+    stage saw; the same prefixes and sampling stream for both) and count the answers
+    that make a word of the text with the prompt's prefix (a count of prompts per seed,
+    compared with an interval for a difference of proportions over all seeds' prompts).
+    Valid only if both SFT runs moved their loss in every seed.
+    """
+    s, task = bench.s, bench.task
+    histories = {}
+    for seed in lab.seeds:
+        prompts = bench.eval_prompts(seed)
+        prefixes = [task.prefix_of(p) for p in prompts]
+        tuned = bench.evaluate(seed, "sft")
+        instructed = sum(task.known_word(p, a) for p, a in zip(prompts, tuned["answers"]))
+        plain_model, histories[f"plain, seed {seed}"] = _plain_sft(bench, seed)
+        plain = sample_completions(
+            plain_model, bench.tok, prefixes, max_new_tokens=s.max_new_tokens, generator=_gen(seed, "eval_samples")
+        )
+        known_plain = sum(task.known_word(task.prompt(x), x + a) for x, a in zip(prefixes, plain))
+        outcome.record_fraction("known_word_instruction", instructed, len(prompts), seed=seed)
+        outcome.record_fraction("known_word_plain", known_plain, len(prompts), seed=seed)
+        histories[f"instruction, seed {seed}"] = bench.sft(seed)[1]
+        if seed == lab.seeds[0]:
+            outcome.table(
+                "examples",
+                [
+                    {"prefix": x, "instruction": repr(a), "plain": repr(x + b)}
+                    for x, a, b in list(zip(prefixes, tuned["answers"], plain))[: s.example_rows]
+                ],
+                caption=f"Held-out prefixes, one sample each (seed {seed}, temperature 1)",
+            )
+    _require_fell(outcome, "every SFT run", histories)

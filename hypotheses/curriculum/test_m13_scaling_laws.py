@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lab.profiles import ModelScale
-from lab.report import between, greater_than, prediction
+from lab.report import at_least, between, greater_than, prediction
 from lab.report.plots import plt
 from lab.scaling import (
     CHINCHILLA_TOKENS_PER_PARAM,
@@ -21,6 +21,7 @@ from lab.scaling import (
     fit_chinchilla,
     fit_power_law,
     non_embedding_params,
+    pareto_front,
 )
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m13_scaling_laws]
@@ -448,3 +449,98 @@ def test_compute_optimal_tokens_per_param(lab, family, outcome, require_trained)
         f"Tokens per parameter the family actually trained at the largest budget: {trained}. "
         "Tokens here are characters, each carrying far less information than a BPE token."
     )
+
+
+# fp32 weights, gradients and AdamW's two moments: 4 numbers of 4 bytes per parameter
+TRAIN_STATE_BYTES = 16
+
+
+def _train_seconds(run) -> float:
+    """Seconds the run spent training (its tokens over its training throughput, evaluation
+    and checkpoints excluded)."""
+    return run.steps * run.train_config.batch_size * run.model_config.block_size / run.tokens_per_s
+
+
+@prediction(
+    "The best model size depends on the time budget: the Pareto frontier of validation loss against training time "
+    "holds at least {bound} different model sizes",
+    metric="frontier_sizes",
+    expect=at_least(2),
+)
+@prediction(
+    "Early stopping beats training longer at fixed time: for at least {bound} of the smaller sizes, a larger model "
+    "stopped at a smaller budget reaches lower loss in less time than the smaller model at the largest budget",
+    metric="early_stop_wins",
+    expect=at_least(0.25),
+)
+def test_time_and_memory_pareto_frontier(lab, family, outcome, require_trained):
+    """Which model sizes are worth their training time and memory (the Pareto frontier)?
+
+    Every run of the scaling family (each size at each data budget, its own warmup +
+    cosine schedule) has a training time (its tokens over its measured training
+    throughput, evaluation excluded), a memory (the training state, 16 bytes per
+    parameter for fp32 weights, gradients and AdamW's moments, and the peak the trainer
+    measured: GPU memory on CUDA, the process's peak RSS growth on CPU, which later runs
+    in one process barely move) and a final validation loss. Per seed, the Pareto
+    frontier of loss against time keeps the runs no other run beats on both; the
+    statistic is how many different sizes it holds (1: the largest model is best at
+    every time budget). Also recorded per seed:
+    the share of smaller sizes whose run at the largest budget (trained longest) is
+    beaten on both time and loss by a larger model stopped at a smaller budget, which is
+    early stopping winning at fixed time. Times are wall-clock measurements of runs that
+    may have trained under different loads (cached runs keep the time they were
+    trained in). Valid only if every model trained.
+    """
+    s = family.s
+    cells = [(i, j) for i in range(len(s.sizes)) for j in range(len(s.budgets))]
+    last = len(s.budgets) - 1
+    rows, lines = [], {}
+    for seed in lab.seeds:
+        runs = {c: family.run(*c, seed) for c in cells}
+        times = [_train_seconds(runs[c]) for c in cells]
+        losses = [runs[c].final_val_loss for c in cells]
+        front = [cells[k] for k in pareto_front(times, losses)]
+        outcome.record("frontier_sizes", len({i for i, _ in front}), seed=seed, unit="sizes")
+        beaten = 0
+        for i in range(len(s.sizes) - 1):
+            long = runs[(i, last)]
+            beaten += any(
+                _train_seconds(runs[(k, j)]) < _train_seconds(long)
+                and runs[(k, j)].final_val_loss < long.final_val_loss
+                for k in range(i + 1, len(s.sizes))
+                for j in range(last)
+            )
+        outcome.record_fraction("early_stop_wins", beaten, len(s.sizes) - 1, seed=seed, unit="share of smaller sizes")
+        for (i, j), t, loss in zip(cells, times, losses):
+            rows.append(
+                {
+                    "seed": seed,
+                    "size": _label(s.sizes[i]),
+                    "non-embedding params": family.N[i],
+                    "steps": s.budgets[j],
+                    "train time (s)": round(t, 2),
+                    "weights + grads + AdamW state (MiB)": round(
+                        TRAIN_STATE_BYTES * runs[(i, j)].model.num_params(non_embedding=False) / 2**20, 2
+                    ),
+                    "measured peak memory (MiB)": round(runs[(i, j)].peak_memory_bytes / 2**20, 1),
+                    "final val loss": round(loss, 4),
+                    "on frontier": (i, j) in front,
+                }
+            )
+        if seed == lab.seeds[0]:
+            for i in range(len(s.sizes)):
+                lines[_label(s.sizes[i])] = (
+                    [times[cells.index((i, j))] for j in range(len(s.budgets))],
+                    [losses[cells.index((i, j))] for j in range(len(s.budgets))],
+                )
+            lines["Pareto frontier"] = ([times[cells.index(c)] for c in front], [losses[cells.index(c)] for c in front])
+    outcome.table("runs", rows, caption="Every run: training time, peak memory, final validation loss")
+    outcome.plot_lines(
+        "frontier",
+        lines,
+        xlabel="training time (s)",
+        ylabel="final val loss (nats/char)",
+        title=f"Loss against training time, seed {lab.seeds[0]} (one line per size, points = budgets)",
+        logx=True,
+    )
+    family.require_trained(require_trained, range(len(s.budgets)))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lab.decoding import hf_batch_greedy, lab_batch_greedy
 from lab.inference_stacks import STACK_NAMES, build_stacks, compare_greedy, random_prompt
 from lab.report import at_least, at_most, check, greater_than, prediction
 
@@ -331,3 +332,131 @@ def test_first_token_grows_with_prompt(lab, bench, outcome, stack):
     )
     for n in lengths:
         outcome.cite_benchmark(bench.ttft_group(n))
+
+
+# ------------------------------------------------------------------ throughput by batch size
+
+
+def _batch_prompts(lab, vocab_size: int) -> torch.Tensor:
+    """(largest batch, prompt_len) random token ids (seed 0) on the lab's device; a batch of
+    n takes the first n rows."""
+    b = lab.profile.batching
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (max(b.batch_sizes), b.prompt_len), generator=gen).to(lab.device)
+
+
+@pytest.mark.parametrize("which", ["batch1", "largest"])
+@pytest.mark.parametrize("stack", ["lab", "hf"])
+def test_batch_decode_benchmark(lab, decode_model, hf_decode_model, benchmark, outcome, stack, which):
+    """How long does a batched greedy decode take, one sequence against the largest batch?
+
+    The throughput-by-batch-size comparison's decode (the random-init decode model, the
+    profile's new tokens after a random prompt per row, no padding) at batch 1 or the
+    profile's largest batch, through the lab model's KV cache or Hugging Face generate,
+    timed with pytest-benchmark: one warm-up round, then the profile's rounds. Tokens/s
+    of the whole batch are recorded per round.
+    """
+    b = lab.profile.batching
+    size = b.batch_sizes[0] if which == "batch1" else b.batch_sizes[-1]
+    h = lab.profile.inference.llama.n_head
+    prompts = _batch_prompts(lab, decode_model(h).config.vocab_size)[:size]
+    if stack == "lab":
+        model = copy.deepcopy(decode_model(h)).to(lab.device).eval()
+        run = lambda: lab_batch_greedy(model, prompts, b.new_tokens)  # noqa: E731
+    else:
+        hf = copy.deepcopy(hf_decode_model(h)).to(lab.device).eval()
+        run = lambda: hf_batch_greedy(hf, prompts, b.new_tokens)  # noqa: E731
+    benchmark.group = f"Batched greedy decode of {b.new_tokens} tokens per sequence"
+    benchmark.extra_info.update(stack=stack, batch_size=size)
+    calls = []
+    benchmark.pedantic(lambda: calls.append(run()), rounds=b.rounds, iterations=1, warmup_rounds=1)
+    for rnd, (tokens, seconds) in enumerate(_warm_rounds(calls, b.rounds)):
+        outcome.record("tokens_per_s", tokens.numel() / seconds, seed=rnd, unit="tokens/s")
+    outcome.note(f"batch of {size}; 'seed' indexes the benchmark round")
+    outcome.cite_benchmark(benchmark.group)
+
+
+def _batch_tokens_per_s(lab, model, hf, outcome) -> dict[str, dict[int, list[float]]]:
+    """{stack: {batch size: [tokens/s of the whole batch, one per round]}} for the lab
+    model's KV cache and Hugging Face generate (dynamic cache), every batch size and stack
+    interleaved within a round, after one untimed call each. Validity: at every batch size
+    the two decoded the same tokens in every timed call."""
+    b = lab.profile.batching
+    prompts = _batch_prompts(lab, model.config.vocab_size)
+    run = {
+        "lab": lambda p: lab_batch_greedy(model, p, b.new_tokens),
+        "hf": lambda p: hf_batch_greedy(hf, p, b.new_tokens),
+    }
+    for f in run.values():
+        for size in b.batch_sizes:
+            f(prompts[:size])
+    tps = {name: {size: [] for size in b.batch_sizes} for name in run}
+    differ = set()
+    for _ in range(b.rounds):
+        for size in b.batch_sizes:
+            decoded = {}
+            for name, f in run.items():
+                tokens, seconds = f(prompts[:size])
+                tps[name][size].append(tokens.numel() / seconds)
+                decoded[name] = tokens
+            if not torch.equal(decoded["lab"], decoded["hf"]):
+                differ.add(size)
+    outcome.require(
+        "lab and Hugging Face decode the same tokens",
+        not differ,
+        f"{b.new_tokens} greedy tokens per row at batch sizes {list(b.batch_sizes)}, every round"
+        + (f"; they differ at batch size(s) {sorted(differ)}" if differ else ""),
+    )
+    return tps
+
+
+@prediction(
+    "Batched greedy decoding through the lab model's KV cache decodes at least {bound}x the tokens/s at the largest "
+    "batch (32 sequences on the cpu profile) as one sequence at a time",
+    metric="lab_batch_speedup",
+    expect=at_least(4.0),
+)
+@prediction(
+    "Hugging Face generate decodes at least {bound}x the tokens/s at the largest batch as one sequence at a time",
+    metric="hf_batch_speedup",
+    expect=at_least(4.0),
+)
+def test_throughput_grows_with_batch_size(lab, decode_model, hf_decode_model, outcome):
+    """How does decode throughput grow with the batch size?
+
+    Greedily decode the profile's new tokens after a random prompt for every row of a
+    batch (rows of equal length, no padding), for every batch size of the profile (1 to 32
+    on the cpu profile), with the lab model's KV cache and with Hugging Face generate
+    (dynamic cache, the same exported weights): the inference hypotheses' random-init
+    Llama-style decode model, whose speed does not depend on what it learned. Batch
+    sizes and stacks are interleaved within each of the profile's rounds after one
+    untimed call each. Throughput is all new tokens of the batch over the seconds the
+    call took (prefill included). The statistic, per stack, is the largest batch's
+    tokens/s over batch 1's, one sample per round: a small model decoding one token at a
+    time is bound by per-step overhead, which a batch shares. Valid only if the two stacks
+    decode the same tokens at every batch size.
+    """
+    h = lab.profile.inference.llama.n_head
+    model = copy.deepcopy(decode_model(h)).to(lab.device).eval()
+    hf = copy.deepcopy(hf_decode_model(h)).to(lab.device).eval()
+    tps = _batch_tokens_per_s(lab, model, hf, outcome)
+    sizes = lab.profile.batching.batch_sizes
+    lines = {}
+    for name, by_size in tps.items():
+        for rnd, (one, most) in enumerate(zip(by_size[sizes[0]], by_size[sizes[-1]])):
+            outcome.record(f"{name}_batch_speedup", most / one, seed=rnd)
+        for size in sizes:
+            for rnd, value in enumerate(by_size[size]):
+                outcome.record(f"{name}_tokens_per_s_batch{size}", value, seed=rnd, unit="tokens/s")
+        lines[name] = (list(sizes), [float(np.median(by_size[s])) for s in sizes])
+    outcome.plot_lines(
+        "throughput",
+        lines,
+        xlabel="batch size (sequences)",
+        ylabel="tokens/s, whole batch (median over rounds)",
+        title="Decode throughput by batch size",
+        logx=True,
+        logy=True,
+    )
+    outcome.note(f"on {lab.device}; 'seed' indexes the timing round")
+    outcome.cite_benchmark(f"Batched greedy decode of {lab.profile.batching.new_tokens} tokens per sequence")

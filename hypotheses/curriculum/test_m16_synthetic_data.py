@@ -4,10 +4,14 @@ of what it writes (model collapse, Shumailov et al. 2024); then keep half of eve
 generation's training text real and see whether that halts the drift."""
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
+import torch
 
+from lab.data import prepare
+from lab.inspect.texts import windows
 from lab.report import at_least, at_most, greater_than, less_than, prediction
-from lab.synthetic import collapse_chain, diversity, units
+from lab.synthetic import collapse_chain, diversity, inject_noise, noisy_text, repeated_corpus, units
 from lab.train import evaluate
 
 pytestmark = [pytest.mark.curriculum, pytest.mark.m16_synthetic_data]
@@ -331,3 +335,143 @@ def test_mixing_real_data_halts_collapse(lab, bench, outcome, require_trained):
         "Mixed sources: " + "; ".join(f"gen {g.generation}: {g.source}" for g in bench.chains[lab.seeds[0]]["mixed"])
     )
     require_trained({s: bench.losses(s, "synthetic")[0] for s in lab.seeds}, "each seed's generation 0")
+
+
+# ---------------------------------------------------------------- noise injection and deduplication
+
+
+class QualityBench:
+    """Models of the collapse study's size and budget (profile.synthetic) trained from
+    scratch on a given training text, once per (text, seed); a real-text model trained
+    on the first n_chars characters is the collapse chains' generation 0 (the same run)."""
+
+    def __init__(self, lab, char_data):
+        self.lab, self.s, self.data = lab, scale(lab), char_data
+        self.q = lab.profile.data_quality
+        self.config = lab.model_config(char_data, self.s.model)
+        self.real_text = char_data.tokenizer.decode(char_data.train.tolist())
+        self._models = {}
+
+    def train(self, text: str, seed: int):
+        key = (hash(text), seed)
+        if key not in self._models:
+            s = self.s
+            data = prepare(text=text, tokenizer=self.data.tokenizer, val_fraction=s.val_fraction)
+            self._models[key] = self.lab.pretrain(
+                data,
+                self.config,
+                seed=seed,
+                max_steps=s.steps,
+                batch_size=s.batch_size,
+                lr=s.lr,
+                warmup_steps=s.warmup_steps,
+                eval_interval=s.steps,
+                eval_batches=s.train_eval_batches,
+            )
+        return self._models[key]
+
+    def loss_on(self, run, tokens) -> float:
+        """Mean loss of the run's model on fixed random batches of `tokens` (real text: the validation split)."""
+        s = self.s
+        return evaluate(
+            run.model.to(self.lab.device),
+            np.asarray(tokens),
+            block_size=s.model.block_size,
+            batch_size=s.eval_batch_size,
+            n_batches=s.eval_batches,
+            device=self.lab.device,
+        )
+
+    @torch.no_grad()
+    def noisy_context_loss(self, run) -> float:
+        """Loss on the clean next character of fixed validation windows whose inputs carry
+        the profile's noise rate (the same noise for every model)."""
+        s, model = self.s, run.model.to(self.lab.device).eval()
+        x, y = windows(self.data.val, s.eval_batches * s.eval_batch_size, s.model.block_size)
+        x = inject_noise(x, self.q.noise_rate, self.data.vocab_size, generator=torch.Generator().manual_seed(4321))
+        return float(model(x.to(self.lab.device), y.to(self.lab.device))[1])
+
+
+@pytest.fixture(scope="module")
+def quality(lab, char_data):
+    return QualityBench(lab, char_data)
+
+
+@prediction(
+    "A model trained on text with 5% of its characters replaced by random ones predicts the clean next character "
+    "after a noisy context better than a model trained on clean text",
+    metric="noisy_context_loss_noise_trained",
+    expect=less_than("noisy_context_loss_clean_trained"),
+)
+@prediction(
+    "Noise injection has a price on clean text: the noise-trained model's clean validation loss is higher",
+    metric="val_loss_noise_trained",
+    expect=greater_than("val_loss_clean_trained"),
+)
+def test_noise_injection_buys_robustness(lab, char_data, quality, outcome, require_trained):
+    """Does training on noisy text make a model robust to noise, and at what cost?
+
+    Train the collapse study's small GPT (same budget, from scratch) on the first n_chars
+    characters of the real training text, clean, and with a share of its characters (5%
+    on the cpu profile) replaced by characters drawn uniformly from the vocabulary. Score
+    both on the clean validation text, and on fixed validation windows whose inputs carry
+    the same rate of noise while the targets are the clean next characters (the same
+    noise for both models). Paired by seed. Valid only if both models trained (their
+    clean validation loss below the unigram entropy by a margin).
+    """
+    q, s = quality.q, quality.s
+    clean_text = quality.real_text[: s.n_chars]
+    runs = {"clean_trained": {}, "noise_trained": {}}
+    for seed in lab.seeds:
+        noisy = noisy_text(clean_text, char_data.tokenizer, q.noise_rate, seed=seed)
+        for label, text in (("clean_trained", clean_text), ("noise_trained", noisy)):
+            run = quality.train(text, seed)
+            runs[label][seed] = quality.loss_on(run, char_data.val)
+            outcome.record(f"val_loss_{label}", runs[label][seed], seed=seed, unit="nats/char")
+            outcome.record(f"noisy_context_loss_{label}", quality.noisy_context_loss(run), seed=seed, unit="nats/char")
+    outcome.note(f"noise rate {q.noise_rate:.0%} of characters, in training and in the noisy evaluation")
+    require_trained(runs, "both models (clean validation loss)")
+
+
+@prediction(
+    "At the same steps, the deduplicated text trains a model with lower validation loss than the same text with "
+    "its repeated passage left in",
+    metric="val_loss_deduplicated",
+    expect=less_than("val_loss_with_repeats"),
+)
+@prediction(
+    "Repeats are memorised: the repeated passage's loss falls further below the validation loss with the repeats "
+    "left in than after deduplication",
+    metric="memorisation_gap_with_repeats",
+    expect=greater_than("memorisation_gap_deduplicated"),
+)
+def test_deduplication_against_overfitting(lab, char_data, quality, outcome, require_trained):
+    """Does deduplicating the training text prevent overfitting to what it repeats?
+
+    Build a training text of n_chars characters in which a share (50% on the cpu
+    profile) is one passage of real text repeated many times (50), its copies spread
+    evenly between slices of unique real text, and its exact deduplication (the
+    repeated copies dropped, the passage kept once: the same unique content). Train the
+    collapse study's small GPT on each for the same steps, from scratch. Score each on
+    the real validation text and on the repeated passage; the memorisation gap is
+    validation loss minus passage loss. Paired by seed. Valid only if both models
+    trained (validation loss below the unigram entropy by a margin).
+    """
+    q, s = quality.q, quality.s
+    corpus = repeated_corpus(
+        quality.real_text, n_chars=s.n_chars, repeated_fraction=q.repeated_fraction, repeats=q.repeats
+    )
+    passage = char_data.tokenizer.encode(corpus.passage)
+    runs = {"with_repeats": {}, "deduplicated": {}}
+    for seed in lab.seeds:
+        for label, text in (("with_repeats", corpus.with_repeats), ("deduplicated", corpus.deduplicated)):
+            run = quality.train(text, seed)
+            val = quality.loss_on(run, char_data.val)
+            runs[label][seed] = val
+            outcome.record(f"val_loss_{label}", val, seed=seed, unit="nats/char")
+            outcome.record(f"memorisation_gap_{label}", val - quality.loss_on(run, passage), seed=seed, unit="nats")
+    outcome.note(
+        f"{len(corpus.with_repeats):,} characters with a {len(corpus.passage):,}-character passage repeated "
+        f"{q.repeats} times; {len(corpus.deduplicated):,} after deduplication"
+    )
+    require_trained(runs, "both models (validation loss)")

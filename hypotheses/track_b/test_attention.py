@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from lab.finetune import load_finetuned
-from lab.inspect import adapter
+from lab.inspect import adapter, run_with_cache
 from lab.inspect.attention import (
     entropy,
     induction_score,
     js_divergence,
+    js_rows,
     key_share,
     mean_distance,
     offset_share,
@@ -21,11 +22,15 @@ from lab.inspect.attention import (
     per_head,
     uniform_pattern,
 )
+from lab.inspect.properties import CHAR_CLASSES, char_class
+from lab.inspect.residual import pca
+from lab.inspect.similarity import class_variance_share
 from lab.inspect.texts import repeated_random, windows
 from lab.models import GPT
 from lab.models.hf import load_hf_causal_lm
-from lab.report import at_least, at_most, check, greater_than, prediction
-from lab.report.plots import heatmap_grid, line_figure
+from lab.report import at_least, at_most, check, greater_than, less_than, prediction
+from lab.report.plots import heatmap_grid, line_figure, scatter_grid
+from lab.scaling import family_run, non_embedding_params
 
 pytestmark = pytest.mark.track_b
 
@@ -441,3 +446,156 @@ def test_finetune_attention_shift(lab, ft_base, ft_runs, milton_data, method, ou
         title=f"{method} fine-tuning on Milton",
     )
     require_finetuned({method: runs})
+
+
+@prediction(
+    "In the first layer the value vectors cluster by character class: the class means explain at least {bound} of "
+    "their variance",
+    metric="class_share_first",
+    expect=at_least(0.3),
+)
+@prediction(
+    "Deeper value vectors hold less of the current character's class: the last layer's share is below the first's",
+    metric="class_share_last",
+    expect=less_than("class_share_first"),
+)
+def test_value_vectors_by_char_class(baby_runs, inspect_windows, char_data, outcome, require_trained):
+    """What do the value vectors hold: do they cluster by the class of the current character?
+
+    Run each seed's baby GPT on the validation windows and take every layer's value
+    vectors (all heads concatenated, one row per token). Label each token by its
+    character's class (vowel, other letter, space, newline, anything else) and measure
+    how much of the vectors' variance the class means explain (eta squared: 1 when every
+    vector sits on its class mean). Per seed, the first layer's share and the last
+    layer's; the first seed's vectors projected on each layer's top two principal
+    components, coloured by class. Valid only if every seed's model trained.
+    """
+    idx, _ = inspect_windows
+    tok = char_data.tokenizer
+    labels = torch.tensor([char_class(tok.decode(r.tolist())) for r in idx]).reshape(-1)
+    for seed, run in baby_runs.items():
+        n = run.model.config.n_layer
+        names = [f"blocks.{i}.attn.hook_v" for i in range(n)]
+        _, cache = run_with_cache(run.model, idx, names)
+        values = [cache[name].reshape(labels.numel(), -1).float() for name in names]
+        shares = [class_variance_share(v, labels) for v in values]
+        outcome.record("class_share_first", shares[0], seed=seed)
+        outcome.record("class_share_last", shares[-1], seed=seed)
+        for layer, share in enumerate(shares):
+            outcome.record(f"class_share_layer{layer}", share, seed=seed)
+        if seed == min(baby_runs):
+            pts = [pca(v).project(v).numpy() for v in values]
+            outcome.plot(
+                "value_pca",
+                scatter_grid(
+                    pts,
+                    [labels.numpy()] * n,
+                    titles=[f"layer {i}" for i in range(n)],
+                    label="class: " + ", ".join(f"{i} {c}" for i, c in enumerate(CHAR_CLASSES)),
+                ),
+                caption="Value vectors on each layer's top two principal components, coloured by character class.",
+            )
+    require_trained(baby_runs, "each seed's baby GPT")
+
+
+# Attention of queries this close to an edited character counts as near, this far as far.
+NEAR_DISTANCES = range(1, 5)
+FAR_DISTANCE = 16
+
+
+@prediction(
+    "Editing one character changes the attention of nearby queries (1-4 characters later) more than that of "
+    "distant ones (16 or more characters later)",
+    metric="near_js",
+    expect=greater_than("far_js"),
+)
+def test_one_character_edit_changes_attention(baby_runs, inspect_windows, char_data, outcome, require_trained):
+    """How does a systematic one-character change of the prompt change attention, by distance?
+
+    Take the validation windows and make one systematic edit: the character a quarter of
+    the way into each window becomes the next character of the vocabulary (id + 1,
+    wrapping). Run each seed's baby GPT on the original and the edited windows and take,
+    for every layer, head and query, the Jensen-Shannon divergence between the two
+    attention rows (nats). The statistic is the mean divergence (over windows, heads and
+    layers) of queries 1-4 characters after the edit against queries 16 or more after,
+    paired by seed; the divergence by distance is drawn per layer. Valid only if every
+    model trained and the queries before the edit attend exactly as before (causal
+    masking: they cannot see it).
+    """
+    idx, _ = inspect_windows
+    T, V = idx.shape[1], char_data.vocab_size
+    at = T // 4
+    edited = idx.clone()
+    edited[:, at] = (edited[:, at] + 1) % V
+    curves, before = {}, 0.0
+    for seed, run in baby_runs.items():
+        js = js_rows(patterns(run.model, idx), patterns(run.model, edited))  # (layers, B, H, T)
+        before = max(before, float(js[..., :at].abs().max()))
+        by_distance = js[..., at:].mean(dim=(1, 2))  # (layers, T - at): distance 0, 1, ...
+        near = by_distance[:, list(NEAR_DISTANCES)].mean()
+        far = by_distance[:, FAR_DISTANCE:].mean()
+        outcome.record("near_js", float(near), seed=seed, unit="nats")
+        outcome.record("far_js", float(far), seed=seed, unit="nats")
+        if seed == min(baby_runs):
+            for layer, row in enumerate(by_distance):
+                curves[f"layer {layer}"] = (list(range(len(row))), row.numpy())
+    outcome.plot_lines(
+        "js_by_distance",
+        curves,
+        xlabel="query distance after the edited character",
+        ylabel="JS divergence of the attention row (nats)",
+        title=f"One-character edit at position {at}, seed {min(baby_runs)}",
+    )
+    outcome.require(
+        "queries before the edit attend exactly as before",
+        before < 1e-6,
+        f"largest divergence of a query before position {at}: {before:.2e} nats",
+    )
+    require_trained(baby_runs, "each seed's baby GPT")
+
+
+@prediction(
+    "Previous-token heads appear at every size: in at least {bound} of the scaling family's models (every size, "
+    "every seed) some head puts >= 50% of its attention on the previous character",
+    metric="sizes_with_previous_token_head",
+    expect=at_least(0.75),
+)
+def test_previous_token_head_across_sizes(lab, char_data, outcome, require_trained):
+    """Does the previous-token head appear at every model size?
+
+    The neighbour-share measurement of the heatmap hypothesis (for each head, the mean
+    share of attention each query puts on the previous character) on every model of
+    curriculum 13's scaling family (five or more lab GPTs of growing size at the
+    family's largest data budget, one per seed), on validation windows of the family's
+    context length. A model has a previous-token head when its largest share is at least
+    0.5. The statistic is the share of models that have one (a count of sizes per seed,
+    judged with an exact binomial interval over all seeds' models); each size's largest
+    share is recorded and drawn against its non-embedding parameters. Valid only if
+    every model trained.
+    """
+    s = lab.profile.scaling
+    idx, _ = windows(char_data.val, lab.profile.inspect.n_windows, s.sizes[0].block_size)
+    runs, curves = {}, {}
+    for seed in lab.seeds:
+        found = 0
+        for scale in s.sizes:
+            label = f"{scale.n_layer}L d{scale.n_embd}"
+            run = family_run(lab, char_data, scale, seed)
+            runs.setdefault(label, {})[seed] = run
+            share = per_head(offset_share, patterns(run.model, idx), offset=-1).max().item()
+            found += share >= 0.5
+            outcome.record(f"max_previous_share_{label.replace(' ', '_')}", share, seed=seed)
+            curves.setdefault(f"seed {seed}", ([], []))
+            curves[f"seed {seed}"][0].append(non_embedding_params(run.model.config))
+            curves[f"seed {seed}"][1].append(share)
+        outcome.record_fraction("sizes_with_previous_token_head", found, len(s.sizes), seed=seed, unit="share of sizes")
+    outcome.plot_lines(
+        "previous_share_by_size",
+        curves,
+        xlabel="non-embedding parameters",
+        ylabel="largest head's attention on the previous character",
+        title="Previous-token heads across the scaling family",
+        logx=True,
+        hlines={"threshold": 0.5},
+    )
+    require_trained(runs, "every model of the family")

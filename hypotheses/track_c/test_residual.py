@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lab.finetune import load_finetuned
 from lab.inspect import adapter, run_with_cache
 from lab.inspect.probes import control_labels, fit_probe
 from lab.inspect.properties import stack_labels
@@ -23,10 +24,13 @@ from lab.inspect.residual import (
     stream_norms,
     write_norms,
 )
+from lab.inspect.similarity import linear_cka
 from lab.inspect.texts import windows
+from lab.models.hf import load_hf_causal_lm
 from lab.report import CONFIRMED, at_least, at_most, between, greater_than, prediction
 from lab.report.intervals import point
 from lab.report.plots import bar_figure, heatmap_grid, scatter_grid
+from lab.scaling import family_run, non_embedding_params
 
 pytestmark = pytest.mark.track_c
 
@@ -426,3 +430,106 @@ def test_logit_lens(baby_runs, inspect_windows, char_data, outcome, require_trai
         hlines={"ln V (uniform guess)": float(np.log(char_data.vocab_size))},
     )
     require_trained(baby_runs, "each seed's baby GPT")
+
+
+@torch.no_grad()
+def _hidden_by_layer(model, idx) -> list[torch.Tensor]:
+    """Each decoder layer's output (Hugging Face hidden_states[1:]) as (tokens, d) rows."""
+    states = model(idx, output_hidden_states=True).hidden_states[1:]
+    return [h.reshape(-1, h.shape[-1]).float() for h in states]
+
+
+@prediction(
+    "Full fine-tuning moves the representations more than LoRA (rank 8): mean drift (1 - CKA with the base) over "
+    "layers is larger",
+    metric="full_drift",
+    expect=greater_than("lora_drift"),
+)
+@prediction(
+    "Drift grows with depth: under full fine-tuning the last layer drifts more than the first",
+    metric="full_last_minus_first",
+    expect=greater_than(0),
+)
+def test_representation_drift_after_finetuning(lab, ft_base, ft_runs, milton_data, outcome, require_finetuned):
+    """How far does fine-tuning move each layer's representations, full against LoRA?
+
+    Track A's base (Llama-style GQA, pretrained on Shakespeare, Hugging Face format) and
+    its Milton fine-tunes: full, and LoRA rank 8 (merged), one per fine-tuning seed. On
+    n_windows windows of Milton's validation text, take every decoder layer's output
+    (every token a row) in the base and in each fine-tuned model and compare them with
+    linear CKA (Kornblith et al. 2019: 1 = the same representation up to rotation and
+    scale). Drift = 1 - CKA, per layer; the statistics are its mean over layers, full
+    against LoRA paired by fine-tuning seed, and the last layer's drift minus the
+    first's under full fine-tuning. Valid only if the base learned Shakespeare and every
+    fine-tuning run moved its Milton loss.
+    """
+    f = lab.profile.finetune
+    idx, _ = windows(milton_data.val, lab.profile.inspect.n_windows, f.base.block_size)
+    base = _hidden_by_layer(load_hf_causal_lm(ft_base)[0].eval(), idx)
+    runs = {"full": ft_runs(method="full"), "lora": ft_runs(method="lora", rank=8)}
+    curves = {}
+    for method, by_seed in runs.items():
+        for seed, result in by_seed.items():
+            tuned = _hidden_by_layer(load_finetuned(result, merge=True).eval(), idx)
+            drift = [1 - linear_cka(b, t) for b, t in zip(base, tuned)]
+            outcome.record(f"{method}_drift", float(np.mean(drift)), seed=seed)
+            outcome.record(f"{method}_last_minus_first", drift[-1] - drift[0], seed=seed)
+            curves[f"{method}, seed {seed}"] = (list(range(len(drift))), drift)
+    outcome.plot_lines(
+        "drift_by_layer",
+        curves,
+        xlabel="layer",
+        ylabel="1 - linear CKA with the base",
+        title="Representation drift after fine-tuning on Milton",
+    )
+    require_finetuned(runs)
+
+
+@prediction(
+    "The residual stream's norm grows through the layers at every size: final / embedding > 1 in at least {bound} "
+    "of the scaling family's models (every size, every seed)",
+    metric="sizes_growing",
+    expect=at_least(0.75),
+)
+def test_residual_norm_growth_across_sizes(lab, char_data, outcome, require_trained):
+    """Does the residual stream's norm growth hold across model sizes?
+
+    Track C's norm-growth measurement (mean L2 norm of the per-token stream at the
+    embedding and after every block, growth = last / first) on every model of the
+    scaling family of curriculum 13 (five or more lab GPTs of growing size, GPT-2
+    layout, at the family's largest data budget, one per seed), on validation windows
+    of the family's context length. The statistic is the share of models whose stream
+    grows (a count of sizes per seed, judged with an exact binomial interval over all
+    seeds' models); each size's growth ratio is recorded and drawn against its
+    non-embedding parameters. The baby GPT and MiniLM have their own pages (the
+    norm-growth hypothesis). Valid only if every model trained.
+    """
+    s = lab.profile.scaling
+    idx, _ = windows(char_data.val, lab.profile.inspect.n_windows, s.sizes[0].block_size)
+    runs, curves = {}, {}
+    for seed in lab.seeds:
+        growing = 0
+        for scale in s.sizes:
+            label = f"{scale.n_layer}L d{scale.n_embd}"
+            run = family_run(lab, char_data, scale, seed)
+            runs.setdefault(label, {})[seed] = run
+            n = run.model.config.n_layer
+            _, cache = run_with_cache(run.model, idx, stream_names(n))
+            norms = stream_norms(cache, n)
+            ratio = norms[-1] / norms[0]
+            growing += ratio > 1
+            outcome.record(f"growth_ratio_{label.replace(' ', '_')}", ratio, seed=seed)
+            curves.setdefault(f"seed {seed}", ([], []))
+            curves[f"seed {seed}"][0].append(non_embedding_params(run.model.config))
+            curves[f"seed {seed}"][1].append(ratio)
+        outcome.record_fraction("sizes_growing", growing, len(s.sizes), seed=seed, unit="share of sizes")
+    outcome.plot_lines(
+        "growth_by_size",
+        curves,
+        xlabel="non-embedding parameters",
+        ylabel="stream norm, last / embedding",
+        title="Residual-stream growth across the scaling family",
+        logx=True,
+        hlines={"no growth": 1.0},
+    )
+    require_trained(runs, "every model of the family")

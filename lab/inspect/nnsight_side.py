@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["NNSIGHT_NAMES", "family", "lab_head_outputs", "nnsight_values"]
+__all__ = ["NNSIGHT_NAMES", "TRANSFORMERLENS_NAMES", "family", "lab_head_outputs", "mapping_table", "nnsight_values"]
 
 # lab hook point -> (module path, "input" / "output", index into a tuple output or None), per
 # architecture; {i} is the layer. In execution order within a layer.
@@ -63,6 +63,75 @@ NNSIGHT_NAMES: dict[str, dict[str, tuple[str, str, int | None]]] = {
         "hook_resid_post": ("encoder.layer.{i}", "output", 0),
     },
 }
+
+
+# lab hook point -> TransformerLens 4's name for the same value ({i}: the layer), read from its
+# TransformerBridge over the same Hugging Face model (tests/test_inspect_libraries.py). On the
+# decoders the names are the lab's. On BERT the bridge's hook_attn_out is the attention
+# sub-layer's normed output (the lab's hook_resid_mid) and the projection's own write is
+# attn.o.hook_out.
+_TL_DECODER = {p: f"blocks.{{i}}.{p}" for p in NNSIGHT_NAMES["llama"] if p != "ln_final.hook_normalized"}
+TRANSFORMERLENS_NAMES: dict[str, dict[str, str]] = {
+    "gpt2": {**_TL_DECODER, "ln_final.hook_normalized": "ln_final.hook_normalized"},
+    "llama": {**_TL_DECODER, "ln_final.hook_normalized": "ln_final.hook_normalized"},
+    "bert": {
+        **{p: f"blocks.{{i}}.{p}" for p in NNSIGHT_NAMES["bert"]},
+        "hook_attn_out": "blocks.{i}.attn.o.hook_out",
+        "hook_resid_mid": "blocks.{i}.ln1.hook_out",
+    },
+}
+
+# the rows of the mapping table, in forward order
+_TABLE_POINTS = (
+    "hook_resid_pre",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
+    "ln_final.hook_normalized",
+)
+_GPT2_QKV = {"attn.hook_q": "[..., :d]", "attn.hook_k": "[..., d:2d]", "attn.hook_v": "[..., 2d:]"}
+
+
+def _nnsight_spelling(fam: str, point: str) -> str:
+    """How a traced model reads `point`: module path with [i] for the layer, .input / .output
+    and the tuple index. nnsight serves every module's .output, so a submodule named `output`
+    (BERT's) is reached as E_output."""
+    table = NNSIGHT_NAMES[fam]
+    if fam == "gpt2" and point in _GPT2_QKV:
+        (path, where, index), tail = table["attn.hook_qkv"], _GPT2_QKV[point]
+    elif point in table:
+        (path, where, index), tail = table[point], ""
+    else:
+        return "-"
+    parts = [("E_output" if part == "output" else part) for part in path.replace(".{i}", "[i]").split(".")]
+    return f"`{'.'.join(parts)}.{where}{'' if index is None else f'[{index}]'}{tail}`"
+
+
+def mapping_table() -> str:
+    """The markdown table of docs/guide/inspect.md: each lab hook point, TransformerLens'
+    name for it, and where nnsight reads it on the GPT-2 and Llama exports and on MiniLM."""
+    rows = [
+        "| lab hook point | TransformerLens (decoders) | TransformerLens (BERT) "
+        "| nnsight, GPT-2 export | nnsight, Llama export | nnsight, MiniLM (BERT) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for point in _TABLE_POINTS:
+        lab = f"`{point}`" if point.startswith("ln_final") else f"`blocks.{{i}}.{point}`"
+        if point == "attn.hook_z":
+            lab += " (lab: `lab_head_outputs`)"
+        tl = [
+            f"`{TRANSFORMERLENS_NAMES[f][point]}`" if point in TRANSFORMERLENS_NAMES[f] else "-"
+            for f in ("llama", "bert")
+        ]
+        nn = [_nnsight_spelling(f, point) for f in ("gpt2", "llama", "bert")]
+        rows.append(f"| {lab} | {' | '.join([*tl, *nn])} |")
+    return "\n".join(rows) + "\n"
 
 
 def family(model) -> str:

@@ -64,3 +64,22 @@ def stack_labels(windows: list[str], vocab: dict[str, int]) -> dict[str, torch.T
         raise ValueError("windows must be a non-empty list of equal-length strings")
     per = [labels(w, vocab) for w in windows]
     return {k: torch.tensor([p[k] for p in per], dtype=torch.long) for k in per[0]}
+
+
+CHAR_CLASSES = ("vowel", "consonant", "space", "newline", "other")
+
+
+def char_class(window: str) -> list[int]:
+    """The class of each character (an index into CHAR_CLASSES): a vowel, another letter,
+    a space, a newline, or anything else (punctuation, digits)."""
+    out = []
+    for c in window:
+        # a string, not VOWELS: a frozenset's repr changes with the hash seed, and
+        # registry fingerprints hash the constants a followed function reads by repr
+        if c in "aeiouAEIOU":
+            out.append(0)
+        elif c.isalpha():
+            out.append(1)
+        else:
+            out.append({" ": 2, "\n": 3}.get(c, 4))
+    return out

@@ -75,6 +75,19 @@ def _module_of(obj) -> str:
     return getattr(obj, "__module__", None) or ""
 
 
+def stable_repr(value) -> str:
+    """repr, but the same in every process: a set's repr follows string hashing, which
+    Python randomises per process, so its elements are sorted first."""
+    if isinstance(value, (set, frozenset)):
+        return f"{type(value).__name__}({sorted(stable_repr(v) for v in value)})"
+    if type(value) in (list, tuple):
+        inner = ", ".join(stable_repr(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    if type(value) is dict:
+        return "{" + ", ".join(f"{stable_repr(k)}: {stable_repr(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
 class Follower:
     """Walks the code a test depends on and hashes it (see the module docstring)."""
 
@@ -120,7 +133,7 @@ class Follower:
 
     def _visit(self, obj, depth: str) -> None:
         if isinstance(obj, tuple):  # ("const", name, value)
-            self.constants[obj[1]] = repr(obj[2])
+            self.constants[obj[1]] = stable_repr(obj[2])
             return
         if not isinstance(obj, types.FunctionType):
             return

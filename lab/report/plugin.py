@@ -279,6 +279,23 @@ class _Register:
 
     def __init__(self, config):
         self.config = config
+        self.message: str | None = None
+        self.returncode = 0
+
+    def _finish(self, items, message: str, returncode: int) -> None:
+        # a message and an exit status, not pytest.exit: that prints an "Exit" banner
+        items[:] = []
+        self.message, self.returncode = message, returncode
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.message is not None:
+            for line in self.message.splitlines():
+                terminalreporter.write_line(line)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session):
+        if self.message is not None:
+            session.exitstatus = self.returncode
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session, config, items):
@@ -295,14 +312,14 @@ class _Register:
             registry, retired = reg.load(path)
             if config.getoption("--lab-register-check"):
                 problems = reg.check(current, registry)
-                items[:] = []
                 if problems:
-                    pytest.exit(
+                    return self._finish(
+                        items,
                         f"{len(problems)} prediction(s) not registered as they are now "
                         f"({path.relative_to(root)}):\n  " + "\n  ".join(problems) + "\nRun `lab register`.",
-                        returncode=1,
+                        1,
                     )
-                pytest.exit(f"registry is current: {len(current)} predictions", returncode=0)
+                return self._finish(items, f"registry is current: {len(current)} predictions", 0)
             results = reg.Results(state.store_path)
             notes = config.getoption("--lab-register-backfill")
             if notes is not None:
@@ -314,15 +331,13 @@ class _Register:
         except reg.RegistryError as exc:
             raise pytest.UsageError(str(exc)) from None
         reg.save(path, new, retired)
-        items[:] = []
         counts: dict[str, int] = {}
         for c in changes:
             counts[c.kind] = counts.get(c.kind, 0) + 1
         lines = [f"  {c.kind:<13} {c.id}" + (f" ({', '.join(c.changed)})" if c.changed else "") for c in changes]
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no changes"
-        pytest.exit(
-            "\n".join([*lines, f"registered {len(new)} predictions in {path.relative_to(root)}: {summary}"]),
-            returncode=0,
+        self._finish(
+            items, "\n".join([*lines, f"registered {len(new)} predictions in {path.relative_to(root)}: {summary}"]), 0
         )
 
     @staticmethod

@@ -144,6 +144,7 @@ class _Reporter:
             return
         with self.lock:
             tr.write_line(line)
+            tr.flush()  # seen at once also when stdout is a file or a pipe (`lab run > log`)
 
     def _emit(self, line: str) -> None:
         if self.outbox is not None:  # an xdist worker: the controller prints it

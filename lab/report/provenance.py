@@ -33,8 +33,10 @@ TRACKED_PACKAGES = (
     "trl",
     "nnsight",
     "lm-eval",
+    "transformer-lens",
     "tensorboard",
     "gradio",
+    "ray",
     "filelock",
     "psutil",
     "pytest",
@@ -49,14 +51,21 @@ TRACKED_PACKAGES = (
 )
 
 
+# written by runs and `lab site build` (lab.report.store.DEFAULT_STORE, lab.report.site)
+RESULT_OUTPUTS = ("results/lab.sqlite", "docs/hypotheses", "docs/index.md", "docs/runs.md", "docs/benchmarks.md")
+
+
 def git_state(root: Path) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the repository at `root`, or (None, None) outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None, None
+        # the results store and the pages built from it are outputs, not code: a run
+        # after an uncommitted run of another track is still a run of a clean commit
+        outputs = [f":(exclude){p}" for p in RESULT_OUTPUTS]
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs],
             cwd=root,
             capture_output=True,
             text=True,
