@@ -47,8 +47,15 @@ def _store_path(args) -> Path:
     return Path(args.store or os.environ.get("LAB_STORE") or _root() / DEFAULT_STORE)
 
 
-def _pytest(argv: list[str]) -> int:
-    return subprocess.call([sys.executable, "-m", "pytest", *argv], cwd=_root())
+def _pytest(argv: list[str], env: dict[str, str] | None = None) -> int:
+    return subprocess.call([sys.executable, "-m", "pytest", *argv], cwd=_root(), env=env)
+
+
+def _run_local(args, extra: list[str]) -> int:
+    from lab.parallel import thread_env, workers_of
+
+    argv = run_argv(args, extra)
+    return _pytest(argv, env=thread_env(workers_of(argv)))
 
 
 def run_argv(args, extra: list[str]) -> list[str]:
@@ -107,7 +114,7 @@ def _run_on_ray(args, extra: list[str]) -> int:
 
 
 def cmd_run(args, extra: list[str]) -> int:
-    code = _run_on_ray(args, extra) if args.ray is not None else _pytest(run_argv(args, extra))
+    code = _run_on_ray(args, extra) if args.ray is not None else _run_local(args, extra)
     if code not in (0, 1, 5):  # 1 = some hypothesis failed: still publish what ran
         return code
     if not args.no_site:

@@ -9,7 +9,16 @@ import argparse
 import pytest
 
 from lab.cli import _workers, run_argv
-from lab.parallel import GIB, WORKER_MEMORY_BYTES, plan_workers, usable_cores, wants_own_workers, xdist_args
+from lab.parallel import (
+    GIB,
+    WORKER_MEMORY_BYTES,
+    plan_workers,
+    thread_env,
+    usable_cores,
+    wants_own_workers,
+    workers_of,
+    xdist_args,
+)
 
 
 @pytest.mark.parametrize(
@@ -69,3 +78,19 @@ def test_lab_run_arguments(monkeypatch):
             _workers(bad)
     with pytest.raises(ValueError, match="at least 1"):
         xdist_args(0)
+
+
+@pytest.mark.parametrize(
+    "argv, workers",
+    [(["hypotheses"], 1), (["-n", "2", "--dist", "loadfile"], 2), (["-n4"], 4), (["--numprocesses=3"], 3)],
+)
+def test_the_worker_count_is_read_from_pytests_arguments(argv, workers):
+    assert workers_of(argv) == workers
+
+
+def test_workers_share_the_cores_instead_of_oversubscribing_them():
+    assert thread_env(2, {}, cores=2)["OMP_NUM_THREADS"] == "1"
+    assert thread_env(2, {}, cores=16)["OMP_NUM_THREADS"] == "8"
+    assert thread_env(3, {}, cores=2)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in thread_env(1, {}, cores=2)  # serial: torch's own default
+    assert thread_env(2, {"OMP_NUM_THREADS": "2"}, cores=2)["OMP_NUM_THREADS"] == "2"  # the user's choice stands
