@@ -270,7 +270,8 @@ def cmd_data(args, extra: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """`lab`'s arguments: one subcommand each, with its options."""
     parser = argparse.ArgumentParser(
         prog="lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -361,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_parsers(sub)  # train, board, playground (lab.commands)
 
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("run", "list"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -75,42 +75,12 @@ def _hf_tokenizer(tokenizer):
     return tok
 
 
-def trl_finetune(
-    base_dir, new: TokenData, old: TokenData, cfg: FinetuneConfig, *, tokenizer, out_dir, device: str = "cpu"
-) -> TrlFinetune:
-    """Fine-tune `base_dir` on `new` with trl's SFTTrainer (LoRA or full; not QLoRA), measuring
-    `old` too, as lab.finetune.finetune does. `tokenizer`: the base's (a lab tokenizer or a
-    transformers one)."""
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+def _sft_config(cfg: FinetuneConfig, out: Path, device: str):
+    """trl's settings for the loop lab.finetune writes out: the same optimizer, schedule,
+    clipping, seed and batch order (sequential over the replayed rows), float32, no logging."""
+    from trl import SFTConfig
 
-    from lab.data.hf_datasets import _datasets
-
-    if not isinstance(cfg, FinetuneConfig):
-        raise ValueError(f"cfg must be a FinetuneConfig, got {type(cfg).__name__}")
-    if cfg.method == "qlora":
-        raise ValueError("trl_finetune compares full and LoRA fine-tuning; QLoRA's 4-bit base is not supported here")
-    out = Path(out_dir)
-    rows = replayed_rows(new, old, cfg)
-    ds = _datasets().Dataset.from_dict({"input_ids": rows})
-    model = load_base(base_dir, "lora" if cfg.method == "lora" else "full", device)
-    peft = None
-    if cfg.method == "lora":
-        check_targets(model, cfg.target_modules)
-        peft = LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.lora_alpha,
-            target_modules=list(cfg.target_modules),
-            lora_dropout=0.0,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(out),
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -141,6 +111,44 @@ def trl_finetune(
         completion_only_loss=False,
         dataset_num_proc=None,
     )
+
+
+def trl_finetune(
+    base_dir, new: TokenData, old: TokenData, cfg: FinetuneConfig, *, tokenizer, out_dir, device: str = "cpu"
+) -> TrlFinetune:
+    """Fine-tune `base_dir` on `new` with trl's SFTTrainer (LoRA or full; not QLoRA), measuring
+    `old` too, as lab.finetune.finetune does. `tokenizer`: the base's (a lab tokenizer or a
+    transformers one)."""
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    from lab.data.hf_datasets import _datasets
+
+    if not isinstance(cfg, FinetuneConfig):
+        raise ValueError(f"cfg must be a FinetuneConfig, got {type(cfg).__name__}")
+    if cfg.method == "qlora":
+        raise ValueError("trl_finetune compares full and LoRA fine-tuning; QLoRA's 4-bit base is not supported here")
+    out = Path(out_dir)
+    rows = replayed_rows(new, old, cfg)
+    ds = _datasets().Dataset.from_dict({"input_ids": rows})
+    model = load_base(base_dir, "lora" if cfg.method == "lora" else "full", device)
+    peft = None
+    if cfg.method == "lora":
+        check_targets(model, cfg.target_modules)
+        peft = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=list(cfg.target_modules),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    args = _sft_config(cfg, out, device)
     result = TrlFinetune(cfg)
 
     class Evaluate(TrainerCallback):

@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -570,6 +571,190 @@ def _message(exc: Exception) -> str:
     return f"**Error:** {type(exc).__name__}: {exc}"
 
 
+def _layout(gr, runs: list[RunInfo], empty: str) -> SimpleNamespace:
+    """The page's components, top to bottom, created inside the caller's gr.Blocks."""
+    status = gr.Markdown("" if runs else empty, elem_id="lab-status")
+    with gr.Row():
+        refresh = gr.Button("Refresh runs", elem_id="lab-refresh", scale=0)
+    table = gr.Dataframe(
+        value=runs_table(runs),
+        headers=RUN_COLUMNS,
+        interactive=False,
+        label="Cached training runs ($LAB_CACHE/runs)",
+        elem_id="lab-runs",
+        max_height=260,
+    )
+    first = choices(runs)[0] if runs else None
+    with gr.Row():
+        pick = gr.Dropdown(choices(runs), value=None, label="Checkpoint", elem_id="lab-checkpoint", scale=3)
+        hf_path = gr.Textbox(label="... or a local Hugging Face model folder", elem_id="lab-hf-path", scale=2)
+        hf_load = gr.Button("Load folder", elem_id="lab-hf-load", scale=0)
+    curve = gr.Plot(label="Loss curve of the chosen run", elem_id="lab-curve")
+
+    gr.Markdown("## Generate")
+    with gr.Row():
+        prompt = gr.Textbox("ROMEO:", label="Prompt", elem_id="lab-prompt", scale=3)
+        generate_btn = gr.Button("Generate", variant="primary", elem_id="lab-generate", scale=0)
+    with gr.Row():
+        max_new = gr.Slider(1, 256, 64, step=1, label="new tokens", elem_id="lab-max-new")
+        temperature = gr.Slider(0, 2, 0.8, step=0.05, label="temperature (0: greedy)", elem_id="lab-temp")
+        top_k = gr.Slider(0, 200, 0, step=1, label="top-k (0: off)", elem_id="lab-top-k")
+        top_p = gr.Slider(0.05, 1, 1, step=0.05, label="top-p (1: off)", elem_id="lab-top-p")
+    with gr.Row():
+        use_cache = gr.Checkbox(True, label="KV cache", elem_id="lab-kv-cache")
+        seed = gr.Number(0, label="seed", precision=0, elem_id="lab-seed")
+    output = gr.Textbox(label="Continuation", lines=4, elem_id="lab-output")
+    speed = gr.Markdown(elem_id="lab-speed")
+    dist = gr.Dataframe(
+        headers=DIST_COLUMNS,
+        interactive=False,
+        label="Next-token distribution per step",
+        elem_id="lab-dist",
+        max_height=260,
+    )
+    with gr.Row():
+        dist_step = gr.Slider(1, 64, 1, step=1, label="step", elem_id="lab-dist-step", scale=1)
+        dist_plot = gr.Plot(label="The distribution at that step", elem_id="lab-dist-plot", scale=3)
+    gen_state = gr.State(None)
+
+    gr.Markdown("## Look inside (the prompt)")
+    with gr.Row():
+        layer = gr.Slider(0, 1, 0, step=1, label="layer", elem_id="lab-layer")
+        head = gr.Slider(0, 1, 0, step=1, label="head", elem_id="lab-head")
+        attend_btn = gr.Button("Attention and logit lens", elem_id="lab-attend", scale=0)
+    heatmap = gr.Plot(label="Attention (blocks.{layer}.attn.hook_pattern)", elem_id="lab-heatmap")
+    lens = gr.Dataframe(
+        interactive=False,
+        label="Logit lens: top next token by depth and position",
+        elem_id="lab-lens",
+        max_height=320,
+        wrap=True,
+    )
+    att_state = gr.State(None)
+
+    return SimpleNamespace(
+        status=status,
+        refresh=refresh,
+        table=table,
+        pick=pick,
+        hf_path=hf_path,
+        hf_load=hf_load,
+        curve=curve,
+        prompt=prompt,
+        generate_btn=generate_btn,
+        max_new=max_new,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        use_cache=use_cache,
+        seed=seed,
+        output=output,
+        speed=speed,
+        dist=dist,
+        dist_step=dist_step,
+        dist_plot=dist_plot,
+        gen_state=gen_state,
+        layer=layer,
+        head=head,
+        heatmap=heatmap,
+        lens=lens,
+        att_state=att_state,
+        attend_btn=attend_btn,
+        first=first,
+    )
+
+
+def _handlers(gr, fresh_runs, empty: str) -> SimpleNamespace:
+    """The page's event handlers: each returns the status line first, then its outputs."""
+
+    def on_refresh():
+        fresh = fresh_runs()
+        msg = "" if fresh else empty
+        return msg, runs_table(fresh), gr.update(choices=choices(fresh))
+
+    def on_pick(choice):
+        if not choice:
+            return "", gr.skip(), gr.skip(), gr.skip()
+        loaded = load(choice, fresh_runs())
+        from lab.inspect.hooks import adapter
+
+        a = adapter(loaded.model)
+        note = f"Loaded **{loaded.name}** ({loaded.kind}, context {loaded.context or '?'} tokens)."
+        if loaded.tokens is None:
+            note += " It has no recorded tokenizer: text cannot be encoded."
+        return (
+            note,
+            curve_figure(loaded.run),
+            gr.update(maximum=max(1, a.n_layers - 1), value=0, interactive=a.n_layers > 1),
+            gr.update(maximum=max(1, a.n_heads - 1), value=0, interactive=a.n_heads > 1),
+        )
+
+    def on_hf(path):
+        choice = HF_PREFIX + (path or "").strip()
+        load(choice)
+        return "", gr.update(choices=[*choices(fresh_runs()), choice], value=choice)
+
+    def on_generate(choice, text, n, temp, k, p, cache, s):
+        loaded = load(choice, fresh_runs())
+        g = generate(
+            loaded,
+            text,
+            max_new_tokens=int(n),
+            temperature=float(temp),
+            top_k=int(k) or None,
+            top_p=float(p),
+            use_cache=bool(cache),
+            seed=int(s or 0),
+        )
+        how = "with the KV cache" if g.use_cache else "recomputing the sequence every token"
+        speed_text = f"{len(g.token_ids)} tokens in {g.seconds:.2f} s: **{g.tokens_per_s:,.1f} tokens/s** ({how})"
+        msg = f"Note: {g.note}" if g.note else ""
+        return (
+            msg,
+            g.text,
+            speed_text,
+            distribution_table(loaded, g),
+            gr.update(maximum=max(2, len(g.steps)), value=1),
+            distribution_figure(loaded, g, 1),
+            g,
+        )
+
+    def on_step(choice, g, step):
+        if g is None:
+            return "", gr.skip()
+        return "", distribution_figure(load(choice, fresh_runs()), g, step)
+
+    def on_attend(choice, text, li, hi):
+        loaded = load(choice, fresh_runs())
+        labels, pats = attention(loaded, text)
+        li, hi = min(int(li), pats.shape[0] - 1), min(int(hi), pats.shape[1] - 1)
+        fig = heatmap_figure(labels, pats[li, hi], f"blocks.{li}.attn.hook_pattern, head {hi}")
+        msg = ""
+        try:
+            _, cols, rows = logit_lens(loaded, text)
+            lens_value = {"headers": ["depth", *[f"{i}:'{c}'" for i, c in enumerate(cols)]], "data": rows}
+        except PlaygroundError as exc:
+            lens_value, msg = None, _message(exc)
+        return msg, fig, lens_value if lens_value is not None else gr.skip(), (labels, pats)
+
+    def on_head(state, li, hi):
+        if state is None:
+            return "", gr.skip()
+        labels, pats = state
+        li, hi = min(int(li), pats.shape[0] - 1), min(int(hi), pats.shape[1] - 1)
+        return "", heatmap_figure(labels, pats[li, hi], f"blocks.{li}.attn.hook_pattern, head {hi}")
+
+    return SimpleNamespace(
+        on_refresh=on_refresh,
+        on_pick=on_pick,
+        on_hf=on_hf,
+        on_generate=on_generate,
+        on_step=on_step,
+        on_attend=on_attend,
+        on_head=on_head,
+    )
+
+
 def build_app(root: str | os.PathLike | None = None):
     """The Gradio page over this module's functions (needs the `playground` extra)."""
     try:
@@ -611,156 +796,24 @@ def build_app(root: str | os.PathLike | None = None):
     with gr.Blocks(title="LLM Lab playground", analytics_enabled=False) as app:
         app.lab_theme = theme
         gr.Markdown(intro)
-        status = gr.Markdown("" if runs else empty, elem_id="lab-status")
-        with gr.Row():
-            refresh = gr.Button("Refresh runs", elem_id="lab-refresh", scale=0)
-        table = gr.Dataframe(
-            value=runs_table(runs),
-            headers=RUN_COLUMNS,
-            interactive=False,
-            label="Cached training runs ($LAB_CACHE/runs)",
-            elem_id="lab-runs",
-            max_height=260,
+        c = _layout(gr, runs, empty)
+        h = _handlers(gr, fresh_runs, empty)
+        c.refresh.click(with_status(h.on_refresh, 2), None, [c.status, c.table, c.pick])
+        c.pick.change(with_status(h.on_pick, 3), [c.pick], [c.status, c.curve, c.layer, c.head])
+        c.hf_load.click(with_status(h.on_hf, 1), [c.hf_path], [c.status, c.pick])
+        c.generate_btn.click(
+            with_status(h.on_generate, 6),
+            [c.pick, c.prompt, c.max_new, c.temperature, c.top_k, c.top_p, c.use_cache, c.seed],
+            [c.status, c.output, c.speed, c.dist, c.dist_step, c.dist_plot, c.gen_state],
         )
-        first = choices(runs)[0] if runs else None
-        with gr.Row():
-            pick = gr.Dropdown(choices(runs), value=None, label="Checkpoint", elem_id="lab-checkpoint", scale=3)
-            hf_path = gr.Textbox(label="... or a local Hugging Face model folder", elem_id="lab-hf-path", scale=2)
-            hf_load = gr.Button("Load folder", elem_id="lab-hf-load", scale=0)
-        curve = gr.Plot(label="Loss curve of the chosen run", elem_id="lab-curve")
-
-        gr.Markdown("## Generate")
-        with gr.Row():
-            prompt = gr.Textbox("ROMEO:", label="Prompt", elem_id="lab-prompt", scale=3)
-            generate_btn = gr.Button("Generate", variant="primary", elem_id="lab-generate", scale=0)
-        with gr.Row():
-            max_new = gr.Slider(1, 256, 64, step=1, label="new tokens", elem_id="lab-max-new")
-            temperature = gr.Slider(0, 2, 0.8, step=0.05, label="temperature (0: greedy)", elem_id="lab-temp")
-            top_k = gr.Slider(0, 200, 0, step=1, label="top-k (0: off)", elem_id="lab-top-k")
-            top_p = gr.Slider(0.05, 1, 1, step=0.05, label="top-p (1: off)", elem_id="lab-top-p")
-        with gr.Row():
-            use_cache = gr.Checkbox(True, label="KV cache", elem_id="lab-kv-cache")
-            seed = gr.Number(0, label="seed", precision=0, elem_id="lab-seed")
-        output = gr.Textbox(label="Continuation", lines=4, elem_id="lab-output")
-        speed = gr.Markdown(elem_id="lab-speed")
-        dist = gr.Dataframe(
-            headers=DIST_COLUMNS,
-            interactive=False,
-            label="Next-token distribution per step",
-            elem_id="lab-dist",
-            max_height=260,
+        c.dist_step.release(with_status(h.on_step, 1), [c.pick, c.gen_state, c.dist_step], [c.status, c.dist_plot])
+        c.attend_btn.click(
+            with_status(h.on_attend, 3), [c.pick, c.prompt, c.layer, c.head], [c.status, c.heatmap, c.lens, c.att_state]
         )
-        with gr.Row():
-            dist_step = gr.Slider(1, 64, 1, step=1, label="step", elem_id="lab-dist-step", scale=1)
-            dist_plot = gr.Plot(label="The distribution at that step", elem_id="lab-dist-plot", scale=3)
-        gen_state = gr.State(None)
-
-        gr.Markdown("## Look inside (the prompt)")
-        with gr.Row():
-            layer = gr.Slider(0, 1, 0, step=1, label="layer", elem_id="lab-layer")
-            head = gr.Slider(0, 1, 0, step=1, label="head", elem_id="lab-head")
-            attend_btn = gr.Button("Attention and logit lens", elem_id="lab-attend", scale=0)
-        heatmap = gr.Plot(label="Attention (blocks.{layer}.attn.hook_pattern)", elem_id="lab-heatmap")
-        lens = gr.Dataframe(
-            interactive=False,
-            label="Logit lens: top next token by depth and position",
-            elem_id="lab-lens",
-            max_height=320,
-            wrap=True,
-        )
-        att_state = gr.State(None)
-
-        def on_refresh():
-            fresh = fresh_runs()
-            msg = "" if fresh else empty
-            return msg, runs_table(fresh), gr.update(choices=choices(fresh))
-
-        def on_pick(choice):
-            if not choice:
-                return "", gr.skip(), gr.skip(), gr.skip()
-            loaded = load(choice, fresh_runs())
-            from lab.inspect.hooks import adapter
-
-            a = adapter(loaded.model)
-            note = f"Loaded **{loaded.name}** ({loaded.kind}, context {loaded.context or '?'} tokens)."
-            if loaded.tokens is None:
-                note += " It has no recorded tokenizer: text cannot be encoded."
-            return (
-                note,
-                curve_figure(loaded.run),
-                gr.update(maximum=max(1, a.n_layers - 1), value=0, interactive=a.n_layers > 1),
-                gr.update(maximum=max(1, a.n_heads - 1), value=0, interactive=a.n_heads > 1),
-            )
-
-        def on_hf(path):
-            choice = HF_PREFIX + (path or "").strip()
-            load(choice)
-            return "", gr.update(choices=[*choices(fresh_runs()), choice], value=choice)
-
-        def on_generate(choice, text, n, temp, k, p, cache, s):
-            loaded = load(choice, fresh_runs())
-            g = generate(
-                loaded,
-                text,
-                max_new_tokens=int(n),
-                temperature=float(temp),
-                top_k=int(k) or None,
-                top_p=float(p),
-                use_cache=bool(cache),
-                seed=int(s or 0),
-            )
-            how = "with the KV cache" if g.use_cache else "recomputing the sequence every token"
-            speed_text = f"{len(g.token_ids)} tokens in {g.seconds:.2f} s: **{g.tokens_per_s:,.1f} tokens/s** ({how})"
-            msg = f"Note: {g.note}" if g.note else ""
-            return (
-                msg,
-                g.text,
-                speed_text,
-                distribution_table(loaded, g),
-                gr.update(maximum=max(2, len(g.steps)), value=1),
-                distribution_figure(loaded, g, 1),
-                g,
-            )
-
-        def on_step(choice, g, step):
-            if g is None:
-                return "", gr.skip()
-            return "", distribution_figure(load(choice, fresh_runs()), g, step)
-
-        def on_attend(choice, text, li, hi):
-            loaded = load(choice, fresh_runs())
-            labels, pats = attention(loaded, text)
-            li, hi = min(int(li), pats.shape[0] - 1), min(int(hi), pats.shape[1] - 1)
-            fig = heatmap_figure(labels, pats[li, hi], f"blocks.{li}.attn.hook_pattern, head {hi}")
-            msg = ""
-            try:
-                _, cols, rows = logit_lens(loaded, text)
-                lens_value = {"headers": ["depth", *[f"{i}:'{c}'" for i, c in enumerate(cols)]], "data": rows}
-            except PlaygroundError as exc:
-                lens_value, msg = None, _message(exc)
-            return msg, fig, lens_value if lens_value is not None else gr.skip(), (labels, pats)
-
-        def on_head(state, li, hi):
-            if state is None:
-                return "", gr.skip()
-            labels, pats = state
-            li, hi = min(int(li), pats.shape[0] - 1), min(int(hi), pats.shape[1] - 1)
-            return "", heatmap_figure(labels, pats[li, hi], f"blocks.{li}.attn.hook_pattern, head {hi}")
-
-        refresh.click(with_status(on_refresh, 2), None, [status, table, pick])
-        pick.change(with_status(on_pick, 3), [pick], [status, curve, layer, head])
-        hf_load.click(with_status(on_hf, 1), [hf_path], [status, pick])
-        generate_btn.click(
-            with_status(on_generate, 6),
-            [pick, prompt, max_new, temperature, top_k, top_p, use_cache, seed],
-            [status, output, speed, dist, dist_step, dist_plot, gen_state],
-        )
-        dist_step.release(with_status(on_step, 1), [pick, gen_state, dist_step], [status, dist_plot])
-        attend_btn.click(with_status(on_attend, 3), [pick, prompt, layer, head], [status, heatmap, lens, att_state])
-        layer.release(with_status(on_head, 1), [att_state, layer, head], [status, heatmap])
-        head.release(with_status(on_head, 1), [att_state, layer, head], [status, heatmap])
-        if first is not None:
-            app.load(lambda: gr.update(value=first), None, [pick])
+        c.layer.release(with_status(h.on_head, 1), [c.att_state, c.layer, c.head], [c.status, c.heatmap])
+        c.head.release(with_status(h.on_head, 1), [c.att_state, c.layer, c.head], [c.status, c.heatmap])
+        if c.first is not None:
+            app.load(lambda: gr.update(value=c.first), None, [c.pick])
     return app
 
 

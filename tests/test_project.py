@@ -119,3 +119,15 @@ def test_cli_lists_hypotheses_with_predictions():
 def test_cli_rejects_bad_input_clearly():
     out = subprocess.run([sys.executable, "-m", "lab", "site", "publish"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "invalid choice: 'publish'" in out.stderr
+
+
+def test_no_function_in_lab_is_over_100_lines():
+    """A reader can hold any function of the library in view (issue 15's bar)."""
+    long = []
+    for path in sorted((ROOT / "lab").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 100:
+                    long.append(f"{path.relative_to(ROOT)}::{node.name} ({lines} lines)")
+    assert not long, "functions over 100 lines:\n  " + "\n  ".join(long)
