@@ -1007,12 +1007,14 @@ def _base_version(v: str) -> str:
 def test_the_venv_holds_exactly_the_pinned_versions():
     """Everything the lab installs is at its pinned version; any other pinned tool that is
     installed (mutmut, say) too. A pin for a tool not installed here is fine."""
+    from lab.report.provenance import installed_version
+
     pins = _constraints()
     needed = _needed()
     off = []
     for name, version in pins.items():
         try:
-            have = metadata.version(name)
+            have = installed_version(name)
         except metadata.PackageNotFoundError:
             if name in needed:
                 off.append(f"{name} not installed")

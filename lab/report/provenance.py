@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import sysconfig
 import threading
 from importlib import metadata
 from pathlib import Path
@@ -76,11 +77,23 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
         return None, None
 
 
+def installed_version(name: str) -> str:
+    """The version of `name` installed in this environment's site-packages. Not
+    metadata.version: once setuptools is imported its _vendor folder is on sys.path, and
+    its vendored copies (more-itertools 10.8, say) would answer depending on import order.
+    PackageNotFoundError when it is not installed."""
+    paths = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
+    dist = next(iter(metadata.distributions(name=name, path=paths)), None)
+    if dist is None:
+        raise metadata.PackageNotFoundError(name)
+    return dist.version
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in TRACKED_PACKAGES:
         try:
-            out[name] = metadata.version(name)
+            out[name] = installed_version(name)
         except metadata.PackageNotFoundError:
             pass
     return out
