@@ -18,6 +18,13 @@ Only the main process writes checkpoints, in train()'s format: `TrainResult.load
 "last")` reads them in a single process. Differences from train(): no resume, no
 callback, no Ctrl-C checkpoint; with dropout the masks differ from the single process's;
 an MoE model's load-balancing loss is computed on each slice.
+
+With fsdp=True (`--fsdp`) the model is sharded with torch's FSDP2 (fully_shard: each block,
+then the whole model) instead of replicated: every process holds a shard of the weights,
+gradients and AdamW moments. Checkpoints are then gathered from the shards and hold no
+optimizer state, and no TensorBoard events are written (a text sample would need every
+process generating). accelerate's own FSDP plugin is not used: accelerate 1.15 ignores it
+on the CPU (see lab/distributed_finetune.py), while fully_shard runs on gloo and NCCL alike.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from pathlib import Path
 import torch
 
 from lab.data import get_batch
-from lab.models import GPTConfig
+from lab.models import GPT, GPTConfig
 from lab.runlog import RunLog, describe_run
+from lab.train.checkpoint import save_checkpoint
 from lab.train.objectives import objective_batch
 from lab.train.schedule import lr_at
 from lab.train.trainer import (
@@ -41,6 +49,7 @@ from lab.train.trainer import (
     TrainResult,
     _block_grad_norms,
     _check_train_args,
+    _make_optimizer,
     _Run,
 )
 
@@ -48,9 +57,9 @@ from lab.train.trainer import (
 class _DataParallelRun(_Run):
     """train()'s run state, with the model wrapped for data parallelism by `accelerator`."""
 
-    def __init__(self, accelerator, mc: GPTConfig, tc: TrainConfig, data, out_dir: Path | None):
+    def __init__(self, accelerator, mc: GPTConfig, tc: TrainConfig, data, out_dir: Path | None, fsdp: bool = False):
         super().__init__(mc, tc, data, out_dir, None)
-        self.acc = accelerator
+        self.acc, self.fsdp = accelerator, fsdp
         self.device = accelerator.device  # cuda:<local rank> on GPUs; the config names only the kind
         world = accelerator.num_processes
         if tc.batch_size % world:
@@ -62,22 +71,88 @@ class _DataParallelRun(_Run):
             accelerator.process_index * (tc.batch_size // world),
             (accelerator.process_index + 1) * (tc.batch_size // world),
         )
+        if fsdp and (world < 2 or mc.n_expert is not None):
+            raise ValueError(
+                f"fsdp=True needs at least 2 processes and a dense model, got {world} process(es) and "
+                f"n_expert={mc.n_expert}"
+            )
 
     def start(self) -> None:
         super().start(False, None)
-        self.ddp, self.wrapped_optimizer = self.acc.prepare(self.model, self.optimizer)
+        if not self.fsdp:
+            self.ddp, self.wrapped_optimizer = self.acc.prepare(self.model, self.optimizer)
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.model.blocks:
+            fully_shard(block)
+        fully_shard(self.model)
+        # fully_shard swapped the parameters for sharded ones: the optimizer must hold those
+        self.optimizer = _make_optimizer(self.model, self.tc, self.device)
+        self.ddp, self.wrapped_optimizer = self.model, self.optimizer
 
     def open_log(self, progress: bool) -> None:
-        if self.acc.is_main_process:
+        if self.acc.is_main_process and not self.fsdp:
             super().open_log(progress)
         else:
             desc = describe_run(self.mc, self.tc, self.data)
-            self.log = RunLog(None, desc=desc, total=self.tc.max_steps, initial=self.step, progress=False)
+            progress = progress and self.acc.is_main_process
+            self.log = RunLog(None, desc=desc, total=self.tc.max_steps, initial=self.step, progress=progress)
 
     def checkpoint(self, name: str) -> None:
         # no barrier: the other processes never read checkpoints while training
+        if not self.fsdp:
+            if self.acc.is_main_process:
+                super().checkpoint(name)
+            return
+        if self.out_dir is None:
+            return
+        full = self.full_state_dict(cpu_offload=True)  # every process sends its shards
         if self.acc.is_main_process:
-            super().checkpoint(name)
+            save_checkpoint(
+                self.out_dir / name,
+                model=self.unsharded(full),
+                step=self.step,
+                model_config=self.mc,
+                train_config=self.tc,
+                extra={"train_state": self.state()},
+            )
+
+    def full_state_dict(self, cpu_offload: bool) -> dict:
+        """The whole model's weights gathered from the shards: in every process, or with
+        cpu_offload only in the main one (on its CPU)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+        return get_model_state_dict(self.model, options=options)
+
+    def unsharded(self, state: dict) -> GPT:
+        with torch.random.fork_rng(devices=[]):  # building a GPT draws initial weights: not from the run's RNG
+            model = GPT(self.mc)
+        model.load_state_dict(state)
+        return model.to(self.device)
+
+    def block_grad_norms(self) -> list[torch.Tensor]:
+        if not self.fsdp:
+            return _block_grad_norms(self.model)
+        # every process holds a shard of each gradient: add the squares, then across processes
+        squares = torch.stack(
+            [
+                sum(
+                    ((p.grad.to_local().float() ** 2).sum() for p in b.parameters() if p.grad is not None),
+                    start=torch.zeros((), device=self.device),
+                )
+                for b in self.model.blocks
+            ]
+        )
+        torch.distributed.all_reduce(squares)
+        return list(squares.sqrt())
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        if not self.fsdp:
+            return self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def train_one_step(self) -> dict:
         tc, t0 = self.tc, time.perf_counter()
@@ -102,8 +177,8 @@ class _DataParallelRun(_Run):
         aux = self.model.aux_loss()
         self.wrapped_optimizer.zero_grad(set_to_none=True)
         self.acc.backward(loss * share if aux is None else loss * share + aux)
-        stats = {"block_grad_norms": _block_grad_norms(self.model)}
-        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        stats = {"block_grad_norms": self.block_grad_norms()}
+        grad_norm = self.clip_grad_norm(tc.grad_clip if tc.grad_clip > 0 else math.inf)
         total = self.acc.reduce((loss * share).detach().float(), reduction="mean")
         values = torch.stack([total, grad_norm.float(), *stats["block_grad_norms"]]).tolist()
         loss_value, grad_norm = values[0], values[1]
@@ -148,14 +223,16 @@ def train_distributed(
     out_dir: str | Path | None = None,
     progress: bool = True,
     accelerator=None,
+    fsdp: bool = False,
 ) -> TrainResult:
     """train() with data parallelism across the processes `accelerate launch` started (in
     a plain process: one process, the same run as train()). Every process returns the
-    same TrainResult; the main process writes `out_dir/last` and `out_dir/best`."""
+    same TrainResult (under FSDP, with the model gathered from the shards); the main
+    process writes `out_dir/last` and `out_dir/best`."""
     _check_train_args(model_config, train_config, data, out_dir, False, None, None, None)
     tc = train_config
     acc = accelerator or make_accelerator(tc, moe=model_config.n_expert is not None)
-    run = _DataParallelRun(acc, model_config, tc, data, Path(out_dir) if out_dir is not None else None)
+    run = _DataParallelRun(acc, model_config, tc, data, Path(out_dir) if out_dir is not None else None, fsdp)
     run.start()
     run.open_log(progress)
     ok = False
@@ -175,8 +252,13 @@ def train_distributed(
     finally:
         run.log.close(ok)
     acc.wait_for_everyone()  # the checkpoints are on disk for every process
+    if fsdp:
+        run.local_params = sum(p.to_local().numel() for p in run.model.parameters())
+        run.model = run.unsharded(run.full_state_dict(cpu_offload=False))
     result = run.result()
     result.extra["data_parallel"] = {"processes": acc.num_processes, "rows_per_process": run.rows_trained}
+    if fsdp:  # what this process held while training: a shard
+        result.extra["data_parallel"].update(fsdp=True, process_params=run.local_params)
     return result
 
 
@@ -193,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", default="tinyshakespeare")
     p.add_argument("--tokenizer", default="char")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
     p.add_argument(
         "--out", required=True, help="folder for the checkpoints (last/, best/), written by the main process"
     )
@@ -208,11 +291,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"lab.distributed: {exc}", file=sys.stderr)
         return 2
-    result = train_distributed(mc, tc, data, out_dir=args.out, progress=acc.is_main_process, accelerator=acc)
+    try:
+        result = train_distributed(
+            mc, tc, data, out_dir=args.out, progress=acc.is_main_process, accelerator=acc, fsdp=args.fsdp
+        )
+    except ValueError as exc:
+        print(f"lab.distributed: {exc}", file=sys.stderr)
+        return 2
     if acc.is_main_process:
+        dp = result.extra["data_parallel"]
+        sharded = (
+            f", holding {dp['process_params']} of {sum(p.numel() for p in result.model.parameters())} weights"
+            if args.fsdp
+            else ""
+        )
         print(
-            f"lab.distributed: {acc.num_processes} process(es), {result.steps} steps, each process "
-            f"{result.extra['data_parallel']['rows_per_process']} of {tc.batch_size} rows a step, validation loss "
+            f"lab.distributed: {acc.num_processes} process(es){' FSDP' if args.fsdp else ''}, {result.steps} steps, "
+            f"each process {dp['rows_per_process']} of {tc.batch_size} rows a step{sharded}, validation loss "
             f"{result.final_val_loss:.4f}; checkpoints in {args.out} (last/, best/)"
         )
     acc.end_training()
