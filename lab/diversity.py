@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 
 from lab.checks import check_int
 
@@ -31,3 +32,17 @@ def loop_start(tokens: Sequence[int], *, max_period: int = 100, min_repeats: int
         if n - s >= min_repeats * p and (best is None or s < best):
             best = s
     return best
+
+
+WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
+
+
+def words(text: str) -> list[str]:
+    """The words of a text, lower-cased: runs of letters, with inner apostrophes (o'er)."""
+    return [w.lower() for w in WORD.findall(text)]
+
+
+def known_words(texts: Iterable[str], vocabulary: set[str]) -> tuple[int, int]:
+    """(k, n): of the n words in `texts`, k are in `vocabulary` (lower-cased words)."""
+    ws = [w for t in texts for w in words(t)]
+    return sum(w in vocabulary for w in ws), len(ws)

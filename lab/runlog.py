@@ -160,6 +160,28 @@ class RunLog:
         self.close(ok=exc_type is None)
 
 
+def read_samples(run_dir: str | os.PathLike, tag: str = "sample") -> list[tuple[int, str]]:
+    """[(step, text)] of the sample generations a run wrote to TensorBoard at its
+    evaluations, read back with TensorBoard's own reader (one per step: the last written
+    wins, as after a resume). Raises FileNotFoundError naming the folder when the run has
+    no events (trained with events off, or by an older lab)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = Path(run_dir) / EVENTS_DIR
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if len(folders) != 1:
+        raise FileNotFoundError(f"expected one TensorBoard run under {root}, found {len(folders)}")
+    acc = EventAccumulator(str(folders[0]), size_guidance={"tensors": 0})
+    acc.Reload()
+    if f"{tag}/text_summary" not in acc.Tags().get("tensors", []):
+        raise FileNotFoundError(f"no {tag!r} text events in {folders[0]}")
+    out = {}
+    for event in acc.Tensors(f"{tag}/text_summary"):
+        text = event.tensor_proto.string_val[0].decode("utf-8")
+        out[event.step] = "\n".join(line.removeprefix("    ") for line in text.split("\n"))
+    return sorted(out.items())
+
+
 # ---------------------------------------------------------------- lab GPT runs
 
 

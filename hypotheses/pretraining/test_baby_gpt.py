@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lab.report import at_most, greater_than, prediction
+from lab.report import at_least, at_most, greater_than, prediction
 from lab.train import evaluate
 from lab.yardsticks import load_nanogpt_checkpoint, nanogpt_dir, nanogpt_val_losses, run_nanogpt_baby, split_loss
 
@@ -182,3 +182,69 @@ def test_lab_matches_nanogpt_same_evaluation(lab, char_data, nanogpt_runs, outco
         f"config: {p.baby.n_layer} layers, {p.baby.n_head} heads, {p.baby.n_embd} dims, block {block}, batch "
         f"{p.batch_size}, {p.steps} steps, no biases; nanoGPT seed k = its train.py seeded with 1337 + k"
     )
+
+
+SAMPLE_PROMPTS = 20  # continuations per seed's model
+SAMPLE_CHARS = 200  # characters per continuation
+
+
+@prediction(
+    "At least 60% of the words the trained baby GPT samples (temperature 0.8) are words of its training text",
+    metric="known_word_share",
+    expect=at_least(0.6),
+)
+def test_samples_over_training(lab, char_data, baby_runs, outcome, require_trained):
+    """What does the baby GPT write as it trains, and how much of it is English?
+
+    The trainer writes a sample generation at every evaluation to the run's TensorBoard
+    events (lab.runlog.sample_text: the first 8 validation characters continued at
+    temperature 0.8 with its own seeded generator); they are read back with TensorBoard's
+    reader and shown per step. The verdict is measured on the trained model: per seed,
+    20 continuations of 200 characters (temperature 0.8, no truncation, a generator
+    seeded with the seed; prompts are 8 characters of the validation split at 20 evenly
+    spaced offsets, crop=True as nanoGPT samples beyond its block size), split into
+    words (runs of letters with inner apostrophes, lower-cased); a word is known when it
+    occurs in the training split's text. Pooled counts over seeds (Clopper-Pearson,
+    widened to the spread over seeds).
+    """
+    from lab.diversity import known_words, words
+    from lab.runlog import read_samples
+
+    require_trained(baby_runs, "each seed's baby GPT")
+    tok = char_data.tokenizer
+    vocabulary = set(words(tok.decode(char_data.train.tolist())))
+    offsets = [i * (len(char_data.val) - 8) // SAMPLE_PROMPTS for i in range(SAMPLE_PROMPTS)]
+    prompts = torch.stack([torch.as_tensor(char_data.val[o : o + 8].astype("int64")) for o in offsets])
+    for seed, run in baby_runs.items():
+        gen = torch.Generator().manual_seed(seed)
+        out = run.model.generate(prompts, SAMPLE_CHARS, temperature=0.8, generator=gen, crop=True)
+        texts = [tok.decode(row[8:].tolist()) for row in out]
+        known, total = known_words(texts, vocabulary)
+        outcome.record_fraction("known_word_share", known, total, seed=seed)
+        if seed == min(baby_runs):
+            outcome.note("Trained model, seed 0, first continuation: " + texts[0].replace("\n", " / "))
+    model_config = lab.model_config(char_data)
+    rows = []
+    for seed in baby_runs:
+        try:
+            samples = read_samples(lab.run_dir(char_data, model_config, seed=seed))
+        except FileNotFoundError as exc:
+            outcome.note(f"seed {seed}: no samples at the evaluations ({exc})")
+            continue
+        for step, text in samples:
+            prompt, _, rest = text.partition("⟶")
+            known, total = known_words([rest], vocabulary)
+            rows.append(
+                {
+                    "seed": seed,
+                    "step": step,
+                    "known words": f"{known}/{total}",
+                    "sample (prompt ⟶ continuation)": f"{prompt}⟶{rest}".replace("\n", " / "),
+                }
+            )
+    if rows:
+        outcome.table(
+            "samples_at_evaluations",
+            rows,
+            caption="The trainer's sample at every evaluation (TensorBoard text events), with its known words",
+        )

@@ -159,3 +159,49 @@ def test_compiled_throughput_vs_nanogpt(lab, throughput_rounds, outcome):
             outcome.record(f"{side}_compiled_tokens_per_s", v, seed=rnd, unit="tokens/s")
     _record_rounds(outcome, throughput_rounds, "compiled", "compiled", "compiled_throughput_ratio")
     outcome.note(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 'seed' here indexes the round")
+
+
+@prediction(
+    "Matrix multiplies (GEMM: mm, addmm, bmm) take at least half of the baby GPT's eager training step",
+    metric="gemm_share",
+    expect=at_least(0.5),
+)
+def test_where_the_training_step_spends_its_time(lab, char_data, outcome):
+    """Where does the baby GPT's training step spend its time?
+
+    The lab's eager training step as train() runs it (batch sampling, forward, backward,
+    gradient clipping, AdamW update, the per-block gradient norms), on the baby config,
+    profiled with torch.profiler after 5 warm-up steps: each operator's self time (time
+    in the operator itself, not in what it calls) per step, grouped by kind of work
+    (lab.step_profile.KINDS: matrix multiplies, the attention kernel, the optimizer
+    update, normalisation, activation, softmax and loss, embedding, elementwise and
+    copies, the rest). One window of throughput_steps steps per round, throughput_rounds
+    rounds; the share of each kind is one sample per round.
+    """
+    from lab.step_profile import profile_step
+
+    p = lab.profile.pretraining
+    step, _ = _lab_step_fn(lab, char_data)
+    profiles = [profile_step(step, steps=p.throughput_steps, warmup=5) for _ in range(p.throughput_rounds)]
+    kinds = sorted({k for prof in profiles for k in prof.by_kind()})
+    for rnd, prof in enumerate(profiles):
+        shares = prof.shares()
+        outcome.record("gemm_share", shares.get("matmul (GEMM)", 0.0), seed=rnd)
+        outcome.record("step_self_time_ms", prof.total_us / 1e3, seed=rnd, unit="ms")
+        for kind in kinds:
+            if kind != "matmul (GEMM)":
+                outcome.record(f"share: {kind}", shares.get(kind, 0.0), seed=rnd)
+    last = profiles[-1]
+    outcome.table(
+        "step_by_kind",
+        [
+            {"kind": k, "ms per step": round(us / 1e3, 3), "share": round(us / last.total_us, 4)}
+            for k, us in last.by_kind().items()
+        ],
+        caption=f"Self time per step by kind of work, last round ({p.throughput_steps} profiled steps)",
+    )
+    outcome.table("top_operators", last.top(15), caption="The 15 operators with the most self time, last round")
+    outcome.note(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; 'seed' here indexes the profiled round; "
+        "self times exclude the profiler's own overhead only approximately (it adds a little to every operator)"
+    )
