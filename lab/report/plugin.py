@@ -57,6 +57,7 @@ class LabState:
     rootpath: Path
     pid: int = 0  # the process that owns the run (xdist: the controller), for interrupted-run detection
     pid_started: float | None = None
+    argv: str = ""  # the command that started the run (xdist: the controller's, not a worker's)
     store: Store | None = None
     run_started: bool = False
     summaries: list = field(default_factory=list)
@@ -103,7 +104,7 @@ class LabState:
             pid=self.pid,
             pid_started=self.pid_started,
             heartbeat_at=time.time(),
-            argv=provenance.argv(),
+            argv=self.argv or provenance.argv(),
         )
 
 
@@ -210,6 +211,7 @@ def pytest_configure(config):
         rootpath=config.rootpath,
         pid=workerinput["lab_pid"] if workerinput else os.getpid(),
         pid_started=workerinput["lab_pid_started"] if workerinput else process_start_time(os.getpid()),
+        argv=workerinput.get("lab_argv", "") if workerinput else provenance.argv(),
     )
     config.stash[_STATE] = state
     if records and workerinput is None:
@@ -232,6 +234,7 @@ class _XdistHooks:
         node.workerinput["lab_started_at"] = self.state.started_at
         node.workerinput["lab_pid"] = self.state.pid
         node.workerinput["lab_pid_started"] = self.state.pid_started
+        node.workerinput["lab_argv"] = self.state.argv
 
 
 def _is_hypothesis(item) -> bool:

@@ -630,6 +630,68 @@ def _retired_section(gone: dict[str, dict[str, Result]], retired: dict[str, dict
     return "\n".join(lines) + "\n"
 
 
+def run_workers(argv: str) -> int | None:
+    """The pytest-xdist worker count a run's command asked for (1 without -n; None for a
+    command the store cannot read, such as an xdist worker's own)."""
+    parts = (argv or "").split()
+    if not parts or parts == ["-c"]:
+        return None
+    for i, a in enumerate(parts):
+        value = parts[i + 1] if a in ("-n", "--numprocesses") and i + 1 < len(parts) else None
+        if a.startswith("-n") and a[2:].isdigit():
+            value = a[2:]
+        elif a.startswith("--numprocesses="):
+            value = a.split("=", 1)[1]
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return 1
+
+
+def run_selection(argv: str) -> str:
+    """A run's command without the interpreter, pytest's path and the worker options: two
+    runs with the same selection ran the same tests."""
+    parts, out, skip = (argv or "").split(), [], False
+    for a in parts:
+        if skip:
+            skip = False
+        elif a in ("-n", "--numprocesses", "--dist"):
+            skip = True
+        elif not (a.startswith(("-n", "--numprocesses=", "--dist=")) or a.endswith("pytest/__main__.py")):
+            out.append(a)
+    return " ".join(out)
+
+
+def _serial_vs_parallel(runs: dict) -> list[str]:
+    groups: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for r in sorted(runs.values(), key=lambda r: r["started_at"]):
+        workers = run_workers(r.get("argv") or "")
+        if r.get("status") == "complete" and r.get("wall_time_s") and workers:
+            groups[(r["profile"], run_selection(r["argv"]))][workers] = r  # the newest run per worker count
+    pairs = [(key, by_n) for key, by_n in sorted(groups.items()) if 1 in by_n and len(by_n) > 1]
+    lines = [
+        "",
+        "## Serial vs all cores",
+        "",
+        "The same selection on the same profile, run serially (`--workers 1`) and with more workers "
+        "(`lab run`'s default: every core the profile's memory allows). Compare only runs that started "
+        "from the same training-cache state: the reference pairs below each started from an empty "
+        "cache (`LAB_CACHE` set to a fresh folder), so both sides trained every model they use.",
+        "",
+    ]
+    if not pairs:
+        return lines + ["No selection has run both serially and with several workers yet.", ""]
+    lines += ["| profile | selection | serial | workers | all cores | speed-up |", "|---|---|---|---|---|---|"]
+    for (profile, selection), by_n in pairs:
+        serial = by_n[1]
+        for n in sorted(k for k in by_n if k > 1):
+            r = by_n[n]
+            lines.append(
+                f"| {profile} | `{html.escape(selection)}` | {_fmt_duration(serial['wall_time_s'])} | {n} | "
+                f"{_fmt_duration(r['wall_time_s'])} | {serial['wall_time_s'] / r['wall_time_s']:.2f}x |"
+            )
+    return lines + [""]
+
+
 def _runs_page(runs: dict, latest: dict[str, dict[str, Result]]) -> str:
     behind: dict[str, int] = defaultdict(int)  # run id -> results shown on the pages
     for by_profile in latest.values():
@@ -654,6 +716,7 @@ def _runs_page(runs: dict, latest: dict[str, dict[str, Result]]) -> str:
             f"{behind[r['run_id']]} | {_fmt_duration(r.get('wall_time_s'))} | {html.escape(r.get('device') or '-')} | "
             f"`{html.escape((r.get('argv') or '')[-80:])}` |"
         )
+    lines += _serial_vs_parallel(runs)
     for r in shown:
         pk = _packages(r)
         if pk:

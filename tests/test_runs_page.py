@@ -1,0 +1,84 @@
+"""The Runs page's serial-vs-all-cores table (issue 20) and the command a run records
+under pytest-xdist (the controller's, not a worker's `-c`)."""
+
+import pytest
+
+from lab.report.site import _serial_vs_parallel, run_selection, run_workers
+
+PYTEST = "/v/lib/python3.11/site-packages/pytest/__main__.py"
+
+
+@pytest.mark.parametrize(
+    "argv, workers",
+    [
+        (f"{PYTEST} hypotheses --lab-profile cpu -m pretraining", 1),
+        (f"{PYTEST} hypotheses --lab-profile cpu -m m02 -n 2 --dist loadfile", 2),
+        (f"{PYTEST} hypotheses -n4", 4),
+        (f"{PYTEST} hypotheses --numprocesses=3", 3),
+        (f"{PYTEST} hypotheses -n auto", None),
+        ("-c", None),  # an xdist worker's own argv (older runs)
+        ("", None),
+    ],
+)
+def test_run_workers_reads_the_worker_count(argv, workers):
+    assert run_workers(argv) == workers
+
+
+def test_run_selection_drops_only_the_worker_options():
+    a = run_selection(f"{PYTEST} hypotheses --lab-profile cpu -m m02 or m04 -n 2 --dist loadfile")
+    b = run_selection(f"{PYTEST} hypotheses --lab-profile cpu -m m02 or m04")
+    assert a == b == "hypotheses --lab-profile cpu -m m02 or m04"
+    assert run_selection(f"{PYTEST} hypotheses -m m05") != a
+
+
+def _run(run_id, argv, wall, started, profile="cpu", status="complete"):
+    return {
+        "run_id": run_id,
+        "argv": f"{PYTEST} hypotheses --lab-profile {profile} {argv}",
+        "wall_time_s": wall,
+        "started_at": started,
+        "profile": profile,
+        "status": status,
+    }
+
+
+def test_the_table_pairs_a_serial_run_with_its_parallel_twin():
+    runs = {
+        r["run_id"]: r
+        for r in [
+            _run("a", "-m m02", 600.0, 1),
+            _run("b", "-m m02 -n 2 --dist loadfile", 400.0, 2),
+            _run("c", "-m m05 -n 2 --dist loadfile", 100.0, 3),  # never run serially: no row
+            _run("d", "-m m02 -n 2 --dist loadfile", 10.0, 0, status="interrupted"),
+        ]
+    }
+    text = "\n".join(_serial_vs_parallel(runs))
+    assert "| cpu | `hypotheses --lab-profile cpu -m m02` | 10 min | 2 | 7 min | 1.50x |" in text
+    assert "m05" not in text
+
+
+def test_without_pairs_the_section_says_so():
+    text = "\n".join(_serial_vs_parallel({"a": _run("a", "-m m02", 60.0, 1)}))
+    assert "No selection has run both serially and with several workers yet." in text
+
+
+def test_an_xdist_run_records_the_controllers_command(pytester):
+    pytester.makeconftest('pytest_plugins = ["lab.report.plugin"]')
+    pytester.makepyfile(
+        test_one="""
+        from lab.report import at_least, prediction
+
+        @prediction("x is at least 0", metric="x", expect=at_least(0.0))
+        def test_x(outcome):
+            '''Is x at least 0?'''
+            outcome.record("x", 1.0, seed=0)
+            outcome.record("x", 1.0, seed=1)
+        """
+    )
+    store = pytester.path / "s.sqlite"
+    result = pytester.runpytest_subprocess("--lab-profile", "smoke", f"--lab-store={store}", "-n", "2")
+    assert result.ret == 0, result.stdout.str()
+    import sqlite3
+
+    (argv,) = sqlite3.connect(store).execute("SELECT argv FROM runs").fetchone()
+    assert run_workers(argv) == 2 and "--lab-store" in argv
