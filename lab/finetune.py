@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lab.checks import (
     NON_NEGATIVE,
@@ -45,6 +44,7 @@ from lab.checks import (
 )
 from lab.data import TokenData, get_batch
 from lab.paths import cache_dir, cache_lock
+from lab.runlog import EVENTS_DIR, RunLog, hf_sample_text
 from lab.seeding import seed_everything
 from lab.train.schedule import lr_at
 
@@ -390,6 +390,9 @@ def _train(
     gen = torch.Generator().manual_seed(cfg.seed)
     n_old = round(cfg.batch_size * cfg.replay_fraction)
     evals, history, layer_stats = [], [], []
+    shutil.rmtree(run_dir / EVENTS_DIR, ignore_errors=True)  # curves of an attempt that died before its result
+    desc = f"{cfg.label} of {Path(base_dir).name} on {new.corpus}, seed {cfg.seed}"
+    log = RunLog(run_dir / EVENTS_DIR, desc=desc, total=cfg.steps, progress=progress)
     t0 = time.perf_counter()
 
     def run_eval(step):
@@ -404,36 +407,40 @@ def _train(
             }
         )
         layer_stats.append({"step": step, "layers": _layer_stats(model, optimizer, initial, cfg)})
+        e = evals[-1]
+        log.eval(step, val_loss=e["new_val"], old_val=e["old_val"], train_loss=e["train_loss"])
+        if log.writes_events:
+            log.text("sample", hf_sample_text(model, new, block_size=cfg.block_size), step)
 
-    run_eval(0)
     diverged = False
-    bar = tqdm(total=cfg.steps, disable=not progress, desc=f"finetune {cfg.label}", dynamic_ncols=True)
-    for step in range(1, cfg.steps + 1):
-        lr = lr_at(
-            step - 1, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(new.train, cfg.block_size, cfg.batch_size - n_old, gen, device)
-        if n_old:
-            xo, yo = get_batch(old.train, cfg.block_size, n_old, gen, device)
-            x, y = torch.cat((x, xo)), torch.cat((y, yo))
-        logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-        loss_value = loss.item()
-        history.append({"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm})
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            diverged = True
-            break
-        optimizer.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-        if step % cfg.eval_interval == 0 or step == cfg.steps:
-            run_eval(step)
-    bar.close()
+    with log:
+        run_eval(0)
+        for step in range(1, cfg.steps + 1):
+            t_step = time.perf_counter()
+            lr = lr_at(
+                step - 1, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = get_batch(new.train, cfg.block_size, cfg.batch_size - n_old, gen, device)
+            if n_old:
+                xo, yo = get_batch(old.train, cfg.block_size, n_old, gen, device)
+                x, y = torch.cat((x, xo)), torch.cat((y, yo))
+            logits = model(input_ids=x).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+            loss_value = loss.item()
+            history.append({"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm})
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                diverged = True
+                break
+            optimizer.step()
+            tokens_per_s = x.numel() / (time.perf_counter() - t_step)  # loss.item() waited for the device
+            log.step(step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+            if step % cfg.eval_interval == 0 or step == cfg.steps:
+                run_eval(step)
 
     trainable = sum(p.numel() for p in params)
     result = FinetuneResult(
@@ -462,6 +469,8 @@ def _save(model, result: FinetuneResult, run_dir: Path) -> None:
     try:
         model.save_pretrained(tmp / ("weights" if result.config.method == "full" else "adapter"))
         (tmp / "result.json").write_text(json.dumps(result.to_dict()))
+        if (run_dir / EVENTS_DIR).exists():  # the run's TensorBoard curves stay with it
+            shutil.move(run_dir / EVENTS_DIR, tmp / EVENTS_DIR)
         if run_dir.exists():
             shutil.rmtree(run_dir)
         tmp.replace(run_dir)

@@ -13,8 +13,9 @@ The trainers (lab.train, lab.finetune, lab.windtunnel) each hold one RunLog:
     log.close()
 
 Logging never changes a run: it consumes no random numbers (samples use their own
-generator), adds no device synchronisation inside a step (tensor values are kept and
-written at the next evaluation, which synchronises anyway), and a failure to write
+generator: sample_text for a lab GPT, hf_sample_text for a Hugging Face model), adds no
+device synchronisation inside a step (tensor values are kept and written at the next
+flush: an evaluation or checkpoint, which synchronises anyway), and a failure to write
 events is reported once and otherwise ignored. `tensorboard --logdir $LAB_CACHE` (or
 `lab board`) shows every run, live while it trains.
 """
@@ -88,7 +89,12 @@ class RunLog:
         if not self._failed:
             print(f"lab: TensorBoard events for {self.desc!r} are off: {exc}", file=sys.stderr)
         self._failed = True
-        self._writer = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:  # its background thread and open file; a broken writer may fail again here
+                writer.close()
+            except Exception:
+                pass
 
     def _write(self, fn) -> None:
         if self._writer is None:
@@ -101,13 +107,14 @@ class RunLog:
     def scalars(self, step: int, group: str, values: dict) -> None:
         """values {name: number or 0-d tensor} as `group/name` at `step`. Tensors are not
         read now (that would synchronise a device): they wait for the next flush()."""
-        values = {k: v for k, v in values.items() if v is not None}
-        if not values or self._writer is None:
+        if self._writer is None:
             return
-        if any(not isinstance(v, int | float) for v in values.values()):
-            self._pending.append((step, {f"{group}/{k}": v for k, v in values.items()}))
-            return
-        self._write(lambda w: [w.add_scalar(f"{group}/{k}", float(v), step) for k, v in values.items()])
+        numbers = {k: v for k, v in values.items() if isinstance(v, int | float)}
+        tensors = {f"{group}/{k}": v for k, v in values.items() if v is not None and k not in numbers}
+        if tensors:
+            self._pending.append((step, tensors))
+        if numbers:  # written now, so a run between evaluations still shows its loss live
+            self._write(lambda w: [w.add_scalar(f"{group}/{k}", float(v), step) for k, v in numbers.items()])
 
     @property
     def writes_events(self) -> bool:
@@ -296,13 +303,41 @@ def sample_text(model, data, *, temperature: float = 0.8, max_new_tokens: int = 
     """A short sample from a lab GPT for the TensorBoard text tab: continues the first
     tokens of the validation split, with its own seeded generator (the global random
     state is untouched). None where the model or data cannot make one."""
+    generate = getattr(model, "generate", None)
+    if generate is None:
+        return None
+
+    def continue_(prompt, n_new, gen):
+        return generate(prompt, n_new, temperature=temperature, generator=gen)
+
+    return _sample(model, data, model.config.block_size, continue_, max_new_tokens)
+
+
+def hf_sample_text(
+    model, data, *, block_size: int, temperature: float = 0.8, max_new_tokens: int = SAMPLE_TOKENS
+) -> str | None:
+    """sample_text for a Hugging Face causal LM (a peft one too) within `block_size` tokens.
+    Its own sampling loop: transformers' generate() would draw from the global generator."""
+    import torch
+
+    def continue_(ids, n_new, gen):
+        for _ in range(n_new):
+            logits = model(input_ids=ids).logits[:, -1, :].float()
+            probs = torch.softmax(logits / temperature, dim=-1)
+            ids = torch.cat((ids, torch.multinomial(probs, 1, generator=gen)), dim=1)
+        return ids
+
+    return _sample(model, data, block_size, continue_, max_new_tokens)
+
+
+def _sample(model, data, block: int, continue_, max_new_tokens: int) -> str | None:
+    """'prompt⟶continuation': the first tokens of data.val continued by continue_(prompt,
+    n_new, generator) in eval mode without gradients, the generator seeded SAMPLE_SEED."""
     import torch
 
     tok = getattr(data, "tokenizer", None)
-    generate = getattr(model, "generate", None)
-    if tok is None or generate is None:
+    if tok is None:
         return None
-    block = model.config.block_size
     n_prompt = max(1, min(8, block // 4))
     n_new = min(max_new_tokens, block - n_prompt)
     if n_new < 1:
@@ -313,7 +348,8 @@ def sample_text(model, data, *, temperature: float = 0.8, max_new_tokens: int = 
     model.eval()
     try:
         gen = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
-        out = generate(prompt, n_new, temperature=temperature, generator=gen)
+        with torch.no_grad():
+            out = continue_(prompt, n_new, gen)
         head = tok.decode(out[0, :n_prompt].tolist())
         tail = tok.decode(out[0, n_prompt:].tolist())
         return f"{head}⟶{tail}"

@@ -25,6 +25,7 @@ import torch
 
 import lab as lab_package
 from lab.paths import cache_dir, cache_lock
+from lab.runlog import EVENTS_DIR, RunLog
 from lab.seeding import seed_everything
 from lab.windtunnel.models import PaperMLP, PrefixMLP, TunnelTransformer, n_params
 
@@ -230,45 +231,50 @@ def _load_or_train(task, model, cfg, run_dir, progress, device, checkpoint_every
         gen.set_state(ck["generator"])
         start, history, kept, wall_before = ck["step"], ck["history"], ck["kept"], ck["wall_time_s"]
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{type(model).__name__} on {task.name}", leave=False)
+    # TensorBoard events beside the run; a resumed run drops those written after its checkpoint
+    events = run_dir / EVENTS_DIR if run_dir is not None else None
+    desc = f"{type(model).__name__} on {task.name}, seed {cfg.seed}"
     t0 = time.perf_counter()
     model.train()
-    for step in range(start, cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        batch = task.sample(cfg.batch_size, gen).to(device)
-        loss = model.loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{type(model).__name__} on {task.name}: loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-        opt.step()
-        if step % 10 == 0 or step == cfg.steps - 1:
-            history.append({"step": step + 1, "loss": loss.item()})
-        if step + 1 in cfg.keep_steps:
-            kept[step + 1] = _cpu_state(model)
-        if ckpt_path is not None and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_atomic(
-                {
-                    "model": _cpu_state(model),
-                    "optimizer": opt.state_dict(),
-                    "step": step + 1,
-                    "generator": gen.get_state(),
-                    "history": history,
-                    "kept": kept,
-                    "wall_time_s": wall_before + time.perf_counter() - t0,
-                },
-                ckpt_path,
-            )
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    with RunLog(events, desc=desc, total=cfg.steps, initial=start, progress=progress) as log:
+        for step in range(start, cfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            batch = task.sample(cfg.batch_size, gen).to(device)
+            loss = model.loss(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{type(model).__name__} on {task.name}: loss {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+            opt.step()
+            if step % 10 == 0 or step == cfg.steps - 1:
+                history.append({"step": step + 1, "loss": loss.item()})
+                tokens_per_s = (step + 1 - start) * batch.tokens.numel() / (time.perf_counter() - t0)
+                # grad_norm stays a tensor: RunLog reads it at the next flush, not inside the step
+                log.step(
+                    step + 1,
+                    loss=history[-1]["loss"],
+                    lr=lr_at(step, cfg),
+                    grad_norm=grad_norm,
+                    tokens_per_s=tokens_per_s,
+                )
+            if step + 1 in cfg.keep_steps:
+                kept[step + 1] = _cpu_state(model)
+            if ckpt_path is not None and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_atomic(
+                    {
+                        "model": _cpu_state(model),
+                        "optimizer": opt.state_dict(),
+                        "step": step + 1,
+                        "generator": gen.get_state(),
+                        "history": history,
+                        "kept": kept,
+                        "wall_time_s": wall_before + time.perf_counter() - t0,
+                    },
+                    ckpt_path,
+                )
+                log.flush()  # the grad norms held back as tensors (the checkpoint synchronised)
     wall = wall_before + time.perf_counter() - t0
     model.to("cpu").eval()
     if run_dir is not None:
