@@ -214,8 +214,20 @@ def test_fraction_interval_is_widened_to_the_spread_over_seeds():
     ev = Evidence({"m": {0: 0.1, 1: 0.9}}, trials={"m": {0: (100, 1000), 1: (900, 1000)}})
     j = judge(_p(at_least(0.4)), ev)
     t = stats.t.interval(0.95, 1, loc=0.5, scale=stats.sem([0.1, 0.9]))
-    assert j.interval.low == pytest.approx(t[0]) and j.interval.high == pytest.approx(t[1])
+    assert t[0] < 0 and t[1] > 1  # the t-interval knows nothing of a proportion's range ...
+    assert (j.interval.low, j.interval.high) == (0.0, 1.0)  # ... the widened interval stays inside it
     assert j.verdict == INCONCLUSIVE  # pooled 1000/2000 alone would have confirmed
+    narrow = Evidence({"m": {0: 0.97, 1: 0.99, 2: 1.0}}, trials={"m": {0: (97, 100), 1: (99, 100), 2: (100, 100)}})
+    t = stats.t.interval(0.95, 2, loc=np.mean([0.97, 0.99, 1.0]), scale=stats.sem([0.97, 0.99, 1.0]))
+    j = judge(_p(at_least(0.9)), narrow)
+    assert j.interval.low == pytest.approx(t[0]) and j.interval.high == 1.0 < t[1]
+
+
+def test_a_difference_of_fractions_stays_between_minus_one_and_one():
+    a, b = {0: 0.9, 1: 0.1}, {0: 0.0, 1: 0.9}
+    trials = {"a": {0: (9, 10), 1: (1, 10)}, "b": {0: (0, 10), 1: (9, 10)}}
+    j = judge(_p(greater_than("b"), metric="a"), Evidence({"a": a, "b": b}, trials=trials))
+    assert j.interval.low == -1.0 and j.interval.high == 1.0
 
 
 def test_a_single_seed_is_inconclusive_whatever_its_value():
@@ -558,7 +570,7 @@ def test_fraction_intervals_use_the_predictions_confidence_and_method():
     j = judge(_p(at_least(0), confidence=0.8), ev)
     exact = binomial_interval(9, 20, confidence=0.8)
     over = mean_interval([0.3, 0.6], confidence=0.8)
-    assert (j.interval.low, j.interval.high) == (min(exact.low, over.low), max(exact.high, over.high))
+    assert (j.interval.low, j.interval.high) == (max(0, min(exact.low, over.low)), max(exact.high, over.high))
     assert j.interval.confidence == 0.8
     j = judge(_p(at_least(0), interval="bootstrap"), Evidence({"m": {0: 0.3, 1: 0.6, 2: 0.5}}, trials={
         "m": {0: (30, 100), 1: (60, 100), 2: (50, 100)}}))  # fmt: skip
@@ -574,7 +586,10 @@ def test_fraction_differences_pair_seeds_and_use_the_confidence():
     j = judge(_p(greater_than("b"), metric="a", confidence=0.9), Evidence({"a": a, "b": b}, trials=trials))
     newc = proportion_difference(14, 20, 5, 20, confidence=0.9)
     paired = mean_interval([0.7, 0.2], confidence=0.9)
-    assert (j.interval.low, j.interval.high) == (min(newc.low, paired.low), max(newc.high, paired.high))
+    assert (j.interval.low, j.interval.high) == (
+        max(-1, min(newc.low, paired.low)),
+        min(1, max(newc.high, paired.high)),
+    )
     assert j.detail == "difference of proportions a - b (14/20 vs 5/20), widened to the paired spread over seeds"
     # one side a fraction, the other not: not a difference of proportions
     j = judge(_p(greater_than("b"), metric="a"), Evidence({"a": a, "b": b}, trials={"a": trials["a"]}))

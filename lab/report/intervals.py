@@ -142,13 +142,18 @@ def proportion_difference(k1: int, n1: int, k2: int, n2: int, *, confidence: flo
     return Interval(d, low, high, min(n1, n2), "newcombe", confidence)
 
 
-def hull(a: Interval, b: Interval) -> Interval:
-    """The smallest interval holding both: certainty no larger than either method's."""
+def hull(a: Interval, b: Interval, *, within: tuple[float, float] | None = None) -> Interval:
+    """The smallest interval holding both: certainty no larger than either method's.
+    `within` (lo, hi): the values the quantity can take (a proportion: 0 to 1), which the
+    t-interval over seeds does not know and may overshoot."""
     if not a.decidable:
         return b
     if not b.decidable:
         return a
-    return Interval(a.estimate, min(a.low, b.low), max(a.high, b.high), a.n, a.method, a.confidence)
+    low, high = min(a.low, b.low), max(a.high, b.high)
+    if within is not None:
+        low, high = max(low, within[0]), min(high, within[1])
+    return Interval(a.estimate, low, high, a.n, a.method, a.confidence)
 
 
 def point(value: float) -> Interval:

@@ -231,7 +231,7 @@ def interval_for(ev: Evidence, metric: str, prediction: Prediction) -> tuple[Int
         if len(values) < 2:
             return exact, f"{metric}: {k}/{n} trials"
         over_seeds = mean_interval(values, method=prediction.interval, confidence=conf)
-        return hull(exact, over_seeds), f"{metric}: {k}/{n} pooled, widened to the spread over seeds"
+        return hull(exact, over_seeds, within=(0.0, 1.0)), f"{metric}: {k}/{n} pooled, widened to the spread over seeds"
     if list(samples) == [None]:
         value = samples[None]
         if ev.is_exact(metric):
@@ -251,7 +251,7 @@ def _difference(ev: Evidence, metric: str, other: str, prediction: Prediction) -
         detail = f"difference of proportions {metric} - {other} ({k1}/{n1} vs {k2}/{n2})"
         if set(a) == set(b) and None not in a and len(a) >= 2:
             paired = mean_interval([a[s] - b[s] for s in a], method=prediction.interval, confidence=conf)
-            return hull(iv, paired), detail + ", widened to the paired spread over seeds"
+            return hull(iv, paired, within=(-1.0, 1.0)), detail + ", widened to the paired spread over seeds"
         return iv, detail
     a_exact, b_exact = ev.is_exact(metric), ev.is_exact(other)
     if None in a and None in b:
