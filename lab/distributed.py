@@ -163,7 +163,13 @@ class _DataParallelRun(_Run):
             group["lr"] = lr
         x, y = get_batch(self.data.train, self.mc.block_size, tc.batch_size, self.batch_gen, self.device)
         x, y, prefix = objective_batch(
-            tc.objective, x, y, generator=self.batch_gen, mask_prob=tc.mask_prob, mask_id=self.mc.vocab_size - 1
+            tc.objective,
+            x,
+            y,
+            generator=self.batch_gen,
+            mask_prob=tc.mask_prob,
+            mask_id=self.mc.vocab_size - 1,
+            mask_strategy=tc.mask_strategy,
         )
         scored = (y != -1).sum()
         x, y = x[self.rows], y[self.rows]

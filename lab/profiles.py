@@ -292,6 +292,14 @@ class MaskingScale:
 
 
 @dataclass(frozen=True)
+class MaskingStrategyScale:
+    """11: all-[MASK] vs BERT's 80/10/10 at 15% masking. It trains longer than the rate
+    sweep: at the architecture budget the masked LMs do not beat the unigram entropy."""
+
+    steps: int
+
+
+@dataclass(frozen=True)
 class DataQualityScale:
     """Sizes for curriculum 16's noise-injection and deduplication hypotheses; the model,
     training budget and evaluation batches are profile.synthetic's."""
@@ -331,6 +339,7 @@ class Profile:
     moe_cost: MoECostScale
     batching: BatchingScale
     masking: MaskingScale
+    masking_strategy: MaskingStrategyScale
     data_quality: DataQualityScale
     batch_size: BatchSizeScale
     description: str = ""
@@ -522,6 +531,7 @@ CPU = Profile(
     moe_cost=MoECostScale(batch_size=16, rounds=10, iterations=5),
     batching=BatchingScale(batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len=16, new_tokens=64, rounds=3),
     masking=MaskingScale(rates=(0.05, 0.15, 0.25, 0.4), eval_rate=0.15),
+    masking_strategy=MaskingStrategyScale(steps=2000),
     data_quality=DataQualityScale(noise_rate=0.05, repeated_fraction=0.5, repeats=50),
     batch_size=BatchSizeScale(batch_sizes=(4, 12, 48)),
 )
@@ -679,6 +689,7 @@ GPU = replace(
     sampling=replace(CPU.sampling, n_windows=256),
     moe_cost=replace(CPU.moe_cost, batch_size=64, iterations=20),
     batching=replace(CPU.batching, batch_sizes=(1, 4, 16, 64, 256), new_tokens=128, rounds=5),
+    masking_strategy=MaskingStrategyScale(steps=8000),
     batch_size=BatchSizeScale(batch_sizes=(16, 64, 256)),
 )
 
@@ -851,6 +862,7 @@ SMOKE = replace(
     moe_cost=replace(CPU.moe_cost, batch_size=2, rounds=2, iterations=1),
     batching=replace(CPU.batching, batch_sizes=(1, 4), prompt_len=4, new_tokens=8, rounds=2),
     masking=replace(CPU.masking, rates=(0.05, 0.15, 0.25)),
+    masking_strategy=MaskingStrategyScale(steps=40),
     batch_size=BatchSizeScale(batch_sizes=(4, 16)),
 )
 

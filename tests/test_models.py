@@ -91,7 +91,7 @@ def test_config_rejects_n_head_not_divisible_by_n_kv_head():
     "field, value, allowed",
     [
         ("pos", "xpos", "'learned', 'sinusoidal', 'rope', 'alibi', 'none'"),
-        ("norm", "batchnorm", "'layernorm', 'rmsnorm'"),
+        ("norm", "batchnorm", "'layernorm', 'rmsnorm', 'none'"),
         ("mlp", "geglu", "'gelu', 'relu', 'swiglu'"),
         ("norm_position", "sandwich", "'pre', 'post'"),
     ],
@@ -518,3 +518,31 @@ def test_temperature_to_zero_equals_greedy(rows, seed):
     assume(bool(((top2[:, 0] - top2[:, 1]) >= 0.01).all()))
     gen = torch.Generator().manual_seed(seed)
     assert torch.equal(sample_next(logits, temperature=1e-4, generator=gen), logits.argmax(-1))
+
+
+def test_norm_none_removes_every_normalisation_and_nothing_else():
+    """Curriculum 04's no-normalisation arm: the identity in place of every norm, the
+    final one included; the rest of the model (and its initialisation) unchanged."""
+    base = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    with_norm = GPT(GPTConfig(**base))
+    torch.manual_seed(0)
+    without = GPT(GPTConfig(**base, norm="none"))
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in without.modules())
+    assert "no norm" in without.config.describe()
+    norm_params = {k for k in with_norm.state_dict() if ".ln_" in k or k.startswith("ln_")}
+    assert norm_params and set(without.state_dict()) == set(with_norm.state_dict()) - norm_params
+    for k, v in without.state_dict().items():
+        assert torch.equal(v, with_norm.state_dict()[k]), k
+    x = torch.randint(0, 11, (2, 8))
+    logits, loss = without(x, x)
+    assert logits.shape == (2, 8, 11) and torch.isfinite(loss)
+    loss.backward()
+
+
+def test_a_model_without_norms_does_not_export_to_hugging_face(tmp_path):
+    from lab.models.hf import export_hf
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, norm="none"))
+    with pytest.raises(ValueError, match="cannot export"):
+        export_hf(model, tmp_path / "x")

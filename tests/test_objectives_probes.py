@@ -132,6 +132,67 @@ def test_objective_batch_validates():
     assert OBJECTIVES == ("clm", "prefix_lm", "mlm")
 
 
+def within_binomial(k: int, n: int, p: float, z: float = 5.0) -> bool:
+    """k successes of n plausible at rate p: within z standard deviations of n * p."""
+    return abs(k - n * p) <= z * math.sqrt(n * p * (1 - p))
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_mask_strategy_mask_is_the_all_mask_batch_draw_for_draw(seed):
+    x, y = batch(B=8, T=32, seed=seed)
+    # the all-[MASK] recipe, written out: positions at rate p, one forced per row
+    expected_gen = gen(seed)
+    masked = torch.rand(8, 32, generator=expected_gen) < 0.2
+    masked[torch.arange(8), torch.randint(0, 32, (8,), generator=expected_gen)] = True
+    g = gen(seed)
+    inputs, targets, _ = objective_batch("mlm", x, y, generator=g, mask_prob=0.2, mask_id=VOCAB, mask_strategy="mask")
+    assert torch.equal(inputs, torch.where(masked, VOCAB, x))
+    assert torch.equal(targets, torch.where(masked, x, -1))
+    assert torch.equal(g.get_state(), expected_gen.get_state())  # no extra draws
+    default = objective_batch("mlm", x, y, generator=gen(seed), mask_prob=0.2, mask_id=VOCAB)
+    assert torch.equal(default[0], inputs) and torch.equal(default[1], targets)
+
+
+def test_mask_strategy_bert_is_80_10_10_on_the_same_positions():
+    x, y = batch(B=200, T=100)
+    mask_inputs, mask_targets, _ = objective_batch("mlm", x, y, generator=gen(3), mask_id=VOCAB)
+    inputs, targets, _ = objective_batch("mlm", x, y, generator=gen(3), mask_id=VOCAB, mask_strategy="bert")
+    assert torch.equal(targets, mask_targets)  # the same positions, all still predicted
+    chosen = targets != -1
+    assert torch.equal(inputs[~chosen], x[~chosen])
+    got, original = inputs[chosen], x[chosen]
+    n = int(chosen.sum())
+    # a random replacement is uniform over the VOCAB non-[MASK] ids, so 1 in VOCAB of them is the original
+    assert within_binomial(int((got == VOCAB).sum()), n, 0.8)
+    assert within_binomial(int((got == original).sum()), n, 0.1 + 0.1 / VOCAB)
+    replaced = got[(got != VOCAB) & (got != original)]
+    assert within_binomial(len(replaced), n, 0.1 * (VOCAB - 1) / VOCAB)
+    assert set(replaced.tolist()) == set(range(VOCAB))  # every non-[MASK] id, nothing else
+    again = objective_batch("mlm", x, y, generator=gen(3), mask_id=VOCAB, mask_strategy="bert")[0]
+    assert torch.equal(again, inputs)
+
+
+def test_mask_strategy_bert_never_draws_the_mask_id():
+    # with mask_id=1 the only legal random token is 0 (the data's own id): [MASK] stays at 80%,
+    # where drawing from [0, mask_id] would give 85%
+    x = torch.zeros(400, 100, dtype=torch.long)
+    inputs, targets, _ = objective_batch("mlm", x, x, generator=gen(), mask_id=1, mask_strategy="bert")
+    got = inputs[targets != -1]
+    assert set(got.tolist()) == {0, 1}
+    assert within_binomial(int((got == 1).sum()), len(got), 0.8)
+    with pytest.raises(ValueError, match="mask_id=0"):
+        objective_batch("mlm", x, x, generator=gen(), mask_id=0, mask_strategy="bert")
+
+
+@pytest.mark.parametrize("bad", ["span", "BERT", None])
+def test_mask_strategy_is_validated(bad):
+    x, y = batch()
+    with pytest.raises(ValueError, match=rf"mask_strategy must be one of \('mask', 'bert'\), got {bad!r}"):
+        objective_batch("mlm", x, y, generator=gen(), mask_id=VOCAB, mask_strategy=bad)
+    with pytest.raises(ValueError, match=rf"TrainConfig.mask_strategy must be one of .*got {bad!r}"):
+        config(mask_strategy=bad)
+
+
 # ---------------------------------------------------------------- next_token_nll
 
 
@@ -234,6 +295,29 @@ def test_train_feeds_the_objectives_batches_to_each_step(objective, model_config
     # evaluations score the same objective, on evaluate()'s fixed batches and masks
     kw = dict(block_size=T, batch_size=tc.batch_size, n_batches=tc.eval_batches, objective=objective)
     assert result.final_val_loss == evaluate(result.model, DATA.val, **kw)
+
+
+def test_train_mlm_with_bert_masking(tmp_path, monkeypatch):
+    import lab.train.trainer as trainer_module
+
+    seen = []
+    real_step = trainer_module.train_step
+
+    def spy(model, optimizer, x, y, **kw):
+        seen.append((x.clone(), y.clone()))
+        return real_step(model, optimizer, x, y, **kw)
+
+    monkeypatch.setattr(trainer_module, "train_step", spy)
+    tc = config(objective="mlm", mask_strategy="bert")
+    result = train(MLM_MODEL, tc, DATA, out_dir=tmp_path, progress=False)
+    assert result.steps == 5 and result.train_config.to_dict()["mask_strategy"] == "bert"
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    inputs = torch.cat([x[y != -1] for x, y in seen])
+    assert (inputs == VOCAB).any() and (inputs != VOCAB).any()  # some predicted tokens are not [MASK]
+    kw = dict(block_size=16, batch_size=4, n_batches=2, objective="mlm")
+    assert result.final_val_loss == evaluate(result.model, DATA.val, **kw)  # evaluation masks every chosen position
+    with pytest.raises(CheckpointError, match="mask_strategy: checkpoint 'bert' != now 'mask'"):
+        train(MLM_MODEL, config(objective="mlm"), DATA, out_dir=tmp_path, resume=True, progress=False)
 
 
 def test_mlm_refuses_a_vocab_without_a_free_mask_id():

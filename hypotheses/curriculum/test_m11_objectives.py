@@ -221,3 +221,90 @@ def test_masking_rate_sweep(lab, char_data, masking_runs, outcome, require_train
         title="Masked LM by masking rate",
     )
     require_trained({_rate_label(r): runs for r, runs in masking_runs.items()}, "every masked LM")
+
+
+STRATEGIES = ("mask", "bert")
+STRATEGY_RATE = 0.15
+
+
+@pytest.fixture(scope="module")
+def strategy_runs(ablation_runs, char_data, lab):
+    """{strategy: {seed: run}}: the shared small GPT trained as a masked LM at 15% masking
+    with each masking strategy (all [MASK], BERT's 80/10/10) for the profile's
+    masking_strategy.steps: longer than the sweep, whose masked LMs do not beat the
+    unigram entropy at the architecture budget."""
+    vocab = char_data.tokenizer.vocab_size + 1
+    steps = lab.profile.masking_strategy.steps
+    return {
+        s: ablation_runs(
+            train=dict(objective="mlm", mask_prob=STRATEGY_RATE, mask_strategy=s, max_steps=steps), vocab_size=vocab
+        )
+        for s in STRATEGIES
+    }
+
+
+@torch.no_grad()
+def _unchanged_loss(model, windows, rate: float, seed: int) -> float:
+    """Mean cross-entropy (nats) of the characters at the positions _masked_loss chooses
+    (the same generator, so the same positions) when every one keeps its own character:
+    BERT's 10% "unchanged" case, with nothing in the window masked."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    _, targets, prefix = objective_batch(
+        "mlm", windows, windows, generator=gen, mask_prob=rate, mask_id=model.config.vocab_size - 1
+    )
+    return float(model(windows, targets, prefix_len=prefix)[1])
+
+
+@prediction(
+    "Scored on fully-masked validation windows (every chosen position [MASK], 15%), the all-[MASK] model's "
+    "masked-character loss is lower than the 80/10/10 model's",
+    metric="mask_masked_loss",
+    expect=less_than("bert_masked_loss"),
+)
+@prediction(
+    "On windows where the chosen positions keep their own character (the 10% case), the 80/10/10 model's loss is "
+    "lower than the all-[MASK] model's",
+    metric="bert_unchanged_loss",
+    expect=less_than("mask_unchanged_loss"),
+)
+def test_bert_masking_vs_all_mask(lab, char_data, strategy_runs, outcome, require_trained):
+    """Does BERT's 80/10/10 replacement trade masked-position accuracy for using the visible token?
+
+    Train the shared small GPT as a masked LM (bidirectional attention, 15% of positions
+    chosen, only those predicted) with two masking strategies, the same data, steps and
+    seeds: all-[MASK] (every chosen position replaced by [MASK]) and BERT's 80/10/10 (of
+    the chosen positions 80% [MASK], 10% a uniformly random character, 10% unchanged).
+    Both train for the profile's masking_strategy.steps (2000 on the cpu profile, four
+    times the sweep's budget, which leaves masked LMs at the unigram entropy). Score
+    every model on fixed validation windows with 15% of positions chosen by one fixed
+    generator (the same positions for every model) in two ways: fully masked (every
+    chosen position [MASK], the all-[MASK] model's training distribution) and unchanged
+    (every chosen position keeps its own character and nothing is masked; the all-[MASK]
+    model never saw a predicted position unmasked). The loss is the mean cross-entropy
+    of the chosen characters. Paired by seed. Valid only if every model trained (its
+    validation loss, which masks every chosen position for both strategies, below the
+    unigram entropy by a margin).
+    """
+    a = lab.profile.architecture
+    windows = _windows(char_data.val, lab, a.eval_batches, seed=1234)
+    rows = []
+    for strategy, by_seed in strategy_runs.items():
+        for seed, run in by_seed.items():
+            if isinstance(run, Exception):
+                continue  # a diverged run: require_trained below makes the verdict invalid
+            masked = _masked_loss(run.model, windows, STRATEGY_RATE, seed=4321)
+            unchanged = _unchanged_loss(run.model, windows, STRATEGY_RATE, seed=4321)
+            outcome.record(f"{strategy}_masked_loss", masked, seed=seed, unit="nats/char")
+            outcome.record(f"{strategy}_unchanged_loss", unchanged, seed=seed, unit="nats/char")
+            rows.append(
+                {
+                    "strategy": "all [MASK]" if strategy == "mask" else "80/10/10",
+                    "seed": seed,
+                    "fully masked loss": round(masked, 4),
+                    "unchanged loss": round(unchanged, 4),
+                    "own val loss": round(run.final_val_loss, 4),
+                }
+            )
+    outcome.table("strategy_losses", rows, caption="Loss on the chosen characters (nats/char), 15% chosen")
+    require_trained(strategy_runs, "every masked LM")

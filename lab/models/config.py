@@ -29,7 +29,7 @@ from lab.checks import (
 )
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "none")  # none: the identity (curriculum 04's no-normalisation arm)
 NORM_POSITIONS = ("pre", "post")
 MLPS = ("gelu", "relu", "swiglu")
 
@@ -135,7 +135,7 @@ class GPTConfig:
             mlp = f"MoE {self.n_expert}x{mlp} top-{self.moe_top_k}"
         parts = [
             f"{self.pos} pos",
-            {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}[self.norm],
+            {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm", "none": "no norm"}[self.norm],
             mlp,
             f"{attention} {self.n_head}/{kv}",
         ]

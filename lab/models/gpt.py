@@ -48,6 +48,8 @@ class RMSNorm(nn.Module):
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd, eps=config.norm_eps)
+    if config.norm == "none":
+        return nn.Identity()
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 

@@ -5,9 +5,11 @@
   positions see each other (bidirectional), the rest are causal; only the
   tokens after the prefix are predicted. T5/UniLM's prefix LM.
 - mlm (masked LM): a fraction of positions is replaced by a [MASK] id, full
-  bidirectional attention, only the masked tokens are predicted. BERT, without
-  the 80/10/10 replacement trick. The [MASK] id is the model's last vocabulary
-  id, so an MLM model's vocab_size is the tokenizer's plus one.
+  bidirectional attention, only the masked tokens are predicted. BERT. With
+  mask_strategy "mask" every chosen position becomes [MASK]; with "bert",
+  BERT's 80/10/10: 80% [MASK], 10% a random token, 10% left unchanged (all
+  still predicted). The [MASK] id is the model's last vocabulary id, so an MLM
+  model's vocab_size is the tokenizer's plus one.
 
 Each returns (inputs, targets, prefix_len) for GPT.forward(inputs, targets,
 prefix_len=...); targets of -1 are not scored.
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from lab.checks import check_choice
+
 OBJECTIVES = ("clm", "prefix_lm", "mlm")
+MASK_STRATEGIES = ("mask", "bert")
 
 
 def check_objective(objective: str) -> None:
@@ -33,12 +38,14 @@ def objective_batch(
     generator: torch.Generator,
     mask_prob: float = 0.15,
     mask_id: int | None = None,
+    mask_strategy: str = "mask",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Turn a causal batch (x, y = x shifted by one) into the objective's (inputs, targets, prefix_len).
 
-    Random choices (prefix lengths, masked positions) are drawn from `generator`
-    on the CPU, so they are reproducible across devices."""
+    Random choices (prefix lengths, masked positions, BERT's replacements) are drawn
+    from `generator` on the CPU, so they are reproducible across devices."""
     check_objective(objective)
+    check_choice("mask_strategy", mask_strategy, MASK_STRATEGIES)
     if objective == "clm":
         return x, y, None
     B, T = x.shape
@@ -57,8 +64,23 @@ def objective_batch(
     masked[torch.arange(B), forced] = True
     masked = masked.to(x.device)
     inputs = torch.where(masked, torch.full_like(x, mask_id), x)
+    if mask_strategy == "bert":
+        inputs = _bert_replace(inputs, x, masked, mask_id, generator)
     targets = torch.where(masked, x, torch.full_like(x, -1))
     return inputs, targets, torch.full((B,), T, dtype=torch.long, device=x.device)
+
+
+def _bert_replace(inputs, x, masked, mask_id: int, generator: torch.Generator) -> torch.Tensor:
+    """BERT's 80/10/10 on the chosen positions: keep 80% [MASK], put a uniformly random
+    non-[MASK] id in 10%, the original token back in 10%. Drawn only for "bert", after
+    the positions, so the "mask" strategy's draws are unchanged."""
+    if mask_id < 1:
+        raise ValueError(f"mask_strategy 'bert' needs a non-[MASK] id to draw from, got mask_id={mask_id}")
+    B, T = x.shape
+    u = torch.rand(B, T, generator=generator).to(x.device)
+    random_ids = torch.randint(0, mask_id, (B, T), generator=generator).to(device=x.device, dtype=x.dtype)
+    inputs = torch.where(masked & (u >= 0.8) & (u < 0.9), random_ids, inputs)
+    return torch.where(masked & (u >= 0.9), x, inputs)
 
 
 @torch.no_grad()

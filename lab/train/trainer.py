@@ -47,7 +47,7 @@ from lab.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from lab.train.objectives import OBJECTIVES, objective_batch
+from lab.train.objectives import MASK_STRATEGIES, OBJECTIVES, objective_batch
 from lab.train.schedule import lr_at
 
 
@@ -76,6 +76,9 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0: checkpoint only at eval points and at the end
     objective: str = "clm"  # one of lab.train.objectives.OBJECTIVES
     mask_prob: float = 0.15  # mlm: fraction of positions masked
+    # mlm: how chosen positions are corrupted in training, one of lab.train.objectives.MASK_STRATEGIES
+    # ("bert": 80/10/10); evaluation always masks every chosen position, so losses compare across strategies
+    mask_strategy: str = "mask"
     # torch.compile the loss (forward and backward) and use the fused AdamW: the same
     # computation, losses equal to the eager path's to float rounding (not bitwise); eager
     # with a warning where the compiler is unavailable
@@ -100,6 +103,7 @@ class TrainConfig:
                 "beta2": number(0, 1, high_open=True),
                 "objective": one_of(OBJECTIVES),
                 "mask_prob": PROBABILITY,
+                "mask_strategy": one_of(MASK_STRATEGIES),
                 "compile": BOOL,
                 "device": Rule("a device string such as 'cpu' or 'cuda'", _is_device),
             },
@@ -132,6 +136,7 @@ _TRAJECTORY_FIELDS = (
     "seed",
     "objective",
     "mask_prob",
+    "mask_strategy",
     "compile",
 )
 
@@ -602,7 +607,13 @@ class _Run:
         x, y = get_batch(self.data.train, self.mc.block_size, tc.batch_size, self.batch_gen, self.device)
         mask_id = self.mc.vocab_size - 1
         x, y, prefix = objective_batch(
-            tc.objective, x, y, generator=self.batch_gen, mask_prob=tc.mask_prob, mask_id=mask_id
+            tc.objective,
+            x,
+            y,
+            generator=self.batch_gen,
+            mask_prob=tc.mask_prob,
+            mask_id=mask_id,
+            mask_strategy=tc.mask_strategy,
         )
         self.step += 1
         stats = {}
