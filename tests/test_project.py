@@ -131,3 +131,15 @@ def test_no_function_in_lab_is_over_100_lines():
                 if lines > 100:
                     long.append(f"{path.relative_to(ROOT)}::{node.name} ({lines} lines)")
     assert not long, "functions over 100 lines:\n  " + "\n  ".join(long)
+
+
+def test_no_committed_page_names_a_run_made_from_uncommitted_changes():
+    """Reference results come from clean commits (issue 14): no committed hypothesis page
+    names a run whose working tree had uncommitted changes, and neither does the Runs
+    page's list of the runs behind the current pages (its full history may)."""
+    pages = sorted((ROOT / "docs" / "hypotheses").rglob("*.md"))
+    dirty = [str(p.relative_to(ROOT)) for p in pages if "(uncommitted changes)" in p.read_text(encoding="utf-8")]
+    runs = (ROOT / "docs" / "runs.md").read_text(encoding="utf-8")
+    behind = runs.split("## Reference runs behind the current pages", 1)[1].split("\n## ", 1)[0]
+    dirty += [f"docs/runs.md: {line}" for line in behind.splitlines() if line.startswith("|") and "+dirty`" in line]
+    assert not dirty, "committed pages naming a run from a dirty tree:\n  " + "\n  ".join(dirty)

@@ -632,19 +632,14 @@ def _retired_section(gone: dict[str, dict[str, Result]], retired: dict[str, dict
 
 def run_workers(argv: str) -> int | None:
     """The pytest-xdist worker count a run's command asked for (1 without -n; None for a
-    command the store cannot read, such as an xdist worker's own)."""
+    command the store cannot read, such as an xdist worker's own, or `-n auto`, whose
+    count depended on the machine)."""
+    from lab.parallel import workers_of
+
     parts = (argv or "").split()
-    if not parts or parts == ["-c"]:
+    if not parts or parts == ["-c"] or any(a in ("auto", "logical", "--numprocesses=auto", "-nauto") for a in parts):
         return None
-    for i, a in enumerate(parts):
-        value = parts[i + 1] if a in ("-n", "--numprocesses") and i + 1 < len(parts) else None
-        if a.startswith("-n") and a[2:].isdigit():
-            value = a[2:]
-        elif a.startswith("--numprocesses="):
-            value = a.split("=", 1)[1]
-        if value is not None:
-            return int(value) if value.isdigit() else None
-    return 1
+    return workers_of(parts)
 
 
 def run_selection(argv: str) -> str:
