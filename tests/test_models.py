@@ -459,10 +459,11 @@ def test_temperature_zero_is_argmax(rows):
 @given(row=logit_rows, p=st.floats(1e-6, 1.0), k=st.integers(1, 30))
 def test_filters_always_keep_the_most_likely_token(row, p, k):
     logits = torch.tensor([row], dtype=torch.float32)
-    best = logits.argmax(-1)
     for filtered in (filter_top_p(logits, p), filter_top_k(logits, k)):
-        assert torch.isfinite(filtered[0, best]).all()
-        assert torch.isfinite(filtered).sum() >= 1
+        kept = torch.isfinite(filtered[0])
+        assert kept.sum() >= 1
+        # a most likely token survives (under ties, any one of them: argmax's index is arbitrary)
+        assert logits[0, kept].max() == logits.max()
 
 
 def test_top_p_keeps_exactly_the_nucleus():
