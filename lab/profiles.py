@@ -292,6 +292,15 @@ class MaskingScale:
 
 
 @dataclass(frozen=True)
+class ObjectivesScale:
+    """11: the budget of the objective comparison (causal, prefix and masked LM) and of the
+    masking-rate sweep. Longer than the architecture budget, at which the masked LMs do
+    not beat the unigram entropy."""
+
+    steps: int
+
+
+@dataclass(frozen=True)
 class MaskingStrategyScale:
     """11: all-[MASK] vs BERT's 80/10/10 at 15% masking. It trains longer than the rate
     sweep: at the architecture budget the masked LMs do not beat the unigram entropy."""
@@ -340,6 +349,7 @@ class Profile:
     batching: BatchingScale
     masking: MaskingScale
     masking_strategy: MaskingStrategyScale
+    objectives: ObjectivesScale
     data_quality: DataQualityScale
     batch_size: BatchSizeScale
     description: str = ""
@@ -444,7 +454,7 @@ CPU = Profile(
         batch_size=64,
         lr=2e-3,
         warmup_steps=100,
-        bijection_steps=7000,
+        bijection_steps=10_000,
         weight_decay=0.0,
         decay_fraction=0.5,
         hmm_lr=2e-3,
@@ -455,7 +465,7 @@ CPU = Profile(
         mlp_embd=8,
         paper_mlp_depths=(18, 19, 20),
         eval_sequences=1000,
-        kept_steps=(0, 25, 50, 100, 200, 400, 700, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000),
+        kept_steps=(0, 25, 50, 100, 200, 400, 700, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8500, 10_000),
         checkpoint_every=1000,
     ),
     tokenization=TokenizationScale(
@@ -532,6 +542,7 @@ CPU = Profile(
     batching=BatchingScale(batch_sizes=(1, 2, 4, 8, 16, 32), prompt_len=16, new_tokens=64, rounds=3),
     masking=MaskingScale(rates=(0.05, 0.15, 0.25, 0.4), eval_rate=0.15),
     masking_strategy=MaskingStrategyScale(steps=2000),
+    objectives=ObjectivesScale(steps=2000),
     data_quality=DataQualityScale(noise_rate=0.05, repeated_fraction=0.5, repeats=50),
     batch_size=BatchSizeScale(batch_sizes=(4, 12, 48)),
 )
@@ -690,6 +701,7 @@ GPU = replace(
     moe_cost=replace(CPU.moe_cost, batch_size=64, iterations=20),
     batching=replace(CPU.batching, batch_sizes=(1, 4, 16, 64, 256), new_tokens=128, rounds=5),
     masking_strategy=MaskingStrategyScale(steps=8000),
+    objectives=ObjectivesScale(steps=8000),
     batch_size=BatchSizeScale(batch_sizes=(16, 64, 256)),
 )
 
@@ -863,6 +875,7 @@ SMOKE = replace(
     batching=replace(CPU.batching, batch_sizes=(1, 4), prompt_len=4, new_tokens=8, rounds=2),
     masking=replace(CPU.masking, rates=(0.05, 0.15, 0.25)),
     masking_strategy=MaskingStrategyScale(steps=40),
+    objectives=ObjectivesScale(steps=40),
     batch_size=BatchSizeScale(batch_sizes=(4, 16)),
 )
 

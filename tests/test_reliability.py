@@ -1214,12 +1214,13 @@ def test_a_run_after_an_uncommitted_run_still_names_a_clean_commit(tmp_path):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
     git("init", "-q")
-    for rel in (*RESULT_OUTPUTS[:1], "docs/index.md", "docs/hypotheses/a.md", "lab.py"):
+    outputs = (RESULT_OUTPUTS[0], "docs/index.md", "docs/hypotheses/a.md", "docs/retrospective/a.md", "docs/runs.md")
+    for rel in (*outputs, "lab.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("v1\n")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
-    for rel in (RESULT_OUTPUTS[0], "docs/index.md", "docs/hypotheses/a.md"):
+    for rel in outputs:
         (tmp_path / rel).write_text("v2\n")
     commit, dirty = git_state(tmp_path)
     assert commit and dirty is False

@@ -17,13 +17,17 @@ OBJECTIVES = ("clm", "prefix_lm", "mlm")
 
 
 @pytest.fixture(scope="module")
-def objective_runs(ablation_runs, char_data):
-    """The shared small GPT trained with each objective; the MLM model's vocabulary has
-    one extra id, its [MASK]."""
+def objective_runs(ablation_runs, char_data, lab):
+    """The shared small GPT trained with each objective for the profile's objectives.steps
+    (at the architecture budget the masked LM stays at the unigram entropy); the MLM
+    model's vocabulary has one extra id, its [MASK]."""
+    steps = lab.profile.objectives.steps
     return {
-        "clm": ablation_runs(),
-        "prefix_lm": ablation_runs(train=dict(objective="prefix_lm")),
-        "mlm": ablation_runs(train=dict(objective="mlm"), vocab_size=char_data.tokenizer.vocab_size + 1),
+        "clm": ablation_runs(train=dict(max_steps=steps)),
+        "prefix_lm": ablation_runs(train=dict(objective="prefix_lm", max_steps=steps)),
+        "mlm": ablation_runs(
+            train=dict(objective="mlm", max_steps=steps), vocab_size=char_data.tokenizer.vocab_size + 1
+        ),
     }
 
 
@@ -46,9 +50,11 @@ def _windows(array, lab, n_batches, seed):
 def test_causal_lm_is_best_at_next_token(lab, char_data, objective_runs, outcome, require_trained):
     """Which objective makes the best next-token predictor (the generation task)?
 
-    Train the shared small GPT with each objective on the same data, steps and seeds:
-    causal LM (every next token, causal attention); prefix LM (per row a random
-    prefix seen bidirectionally, only the rest predicted); masked LM (15% of positions
+    Train the shared small GPT with each objective on the same data, steps and seeds
+    (the profile's objectives.steps: 2000 on the cpu profile, four times the
+    architecture budget, at which the masked LM stays at the unigram entropy): causal
+    LM (every next token, causal attention); prefix LM (per row a random prefix seen
+    bidirectionally, only the rest predicted); masked LM (15% of positions
     replaced by [MASK], bidirectional, only those predicted). Then score every model on
     the causal task: -log p(x_t | x_<t) on fixed validation windows at 8 context
     lengths, each model predicting the way its objective taught it (causal LM: causal
@@ -156,10 +162,11 @@ def _rate_label(rate: float) -> str:
 @pytest.fixture(scope="module")
 def masking_runs(ablation_runs, char_data, lab):
     """{rate: {seed: run}}: the shared small GPT trained as a masked LM at each of the
-    profile's masking rates, with the ablations' budget."""
+    profile's masking rates, for the objective comparison's budget (objectives.steps)."""
     vocab = char_data.tokenizer.vocab_size + 1
+    steps = lab.profile.objectives.steps
     return {
-        rate: ablation_runs(train=dict(objective="mlm", mask_prob=rate), vocab_size=vocab)
+        rate: ablation_runs(train=dict(objective="mlm", mask_prob=rate, max_steps=steps), vocab_size=vocab)
         for rate in lab.profile.masking.rates
     }
 
@@ -193,13 +200,13 @@ def test_masking_rate_sweep(lab, char_data, masking_runs, outcome, require_train
 
     Train the shared small GPT as a masked LM (bidirectional attention, masked positions
     replaced by [MASK], only those predicted) at each masking rate of the profile's grid
-    (5%, 15%, 25% and 40% on the cpu profile), the same data, steps and seeds. A higher
+    (5%, 15%, 25% and 40% on the cpu profile), the same data and seeds, for the
+    objective comparison's steps (objectives.steps, 2000 on the cpu profile). A higher
     rate gives more predicted characters per step but less context to predict them from.
     Score every model on the same task: the loss on the masked characters of fixed
     validation windows with 15% of positions masked by one fixed generator (the same
-    masks for every model). Paired by seed. BERT's 80/10/10 replacement and span masking
-    (two other masking strategies) would need new objectives in lab.train.objectives;
-    this sweep varies the rate of the one strategy the lab has. Valid only if every
+    masks for every model). Paired by seed. This sweep varies the rate of all-[MASK]
+    replacement; BERT's 80/10/10 is test_bert_masking_vs_all_mask. Valid only if every
     model trained on its own objective (its own validation loss below the unigram
     entropy by a margin).
     """
@@ -231,8 +238,8 @@ STRATEGY_RATE = 0.15
 def strategy_runs(ablation_runs, char_data, lab):
     """{strategy: {seed: run}}: the shared small GPT trained as a masked LM at 15% masking
     with each masking strategy (all [MASK], BERT's 80/10/10) for the profile's
-    masking_strategy.steps: longer than the sweep, whose masked LMs do not beat the
-    unigram entropy at the architecture budget."""
+    masking_strategy.steps: longer than the architecture budget, at which masked LMs do
+    not beat the unigram entropy."""
     vocab = char_data.tokenizer.vocab_size + 1
     steps = lab.profile.masking_strategy.steps
     return {
@@ -276,7 +283,7 @@ def test_bert_masking_vs_all_mask(lab, char_data, strategy_runs, outcome, requir
     seeds: all-[MASK] (every chosen position replaced by [MASK]) and BERT's 80/10/10 (of
     the chosen positions 80% [MASK], 10% a uniformly random character, 10% unchanged).
     Both train for the profile's masking_strategy.steps (2000 on the cpu profile, four
-    times the sweep's budget, which leaves masked LMs at the unigram entropy). Score
+    times the architecture budget, which leaves masked LMs at the unigram entropy). Score
     every model on fixed validation windows with 15% of positions chosen by one fixed
     generator (the same positions for every model) in two ways: fully masked (every
     chosen position [MASK], the all-[MASK] model's training distribution) and unchanged

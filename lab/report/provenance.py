@@ -11,6 +11,8 @@ import threading
 from importlib import metadata
 from pathlib import Path
 
+from lab.report.site import GENERATED_DIRS, GENERATED_FILES
+
 # Recorded with every run (the runs table's packages column, shown on the Runs page):
 # every library the lab depends on directly, as pinned in constraints.txt, plus the
 # Hugging Face internals that decide tokenization and loading.
@@ -52,8 +54,9 @@ TRACKED_PACKAGES = (
 )
 
 
-# written by runs and `lab site build` (lab.report.store.DEFAULT_STORE, lab.report.site)
-RESULT_OUTPUTS = ("results/lab.sqlite", "docs/hypotheses", "docs/index.md", "docs/runs.md", "docs/benchmarks.md")
+# written by runs and `lab site build`: the default store and every page the site build
+# regenerates (taken from lab.report.site, so a new generated page can't be missed)
+RESULT_OUTPUTS = ("results/lab.sqlite", *(f"docs/{p}" for p in (*GENERATED_DIRS, *GENERATED_FILES)))
 
 
 def git_state(root: Path) -> tuple[str | None, bool | None]:
