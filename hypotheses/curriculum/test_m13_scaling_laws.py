@@ -463,7 +463,7 @@ def _train_seconds(run) -> float:
 
 @prediction(
     "The best model size depends on the time budget: the Pareto frontier of validation loss against training time "
-    "holds at least {bound} different model sizes",
+    "holds at least {bound} different model sizes over the time budgets every size reaches",
     metric="frontier_sizes",
     expect=at_least(2),
 )
