@@ -82,3 +82,36 @@ def test_an_xdist_run_records_the_controllers_command(pytester):
 
     (argv,) = sqlite3.connect(store).execute("SELECT argv FROM runs").fetchone()
     assert run_workers(argv) == 2 and "--lab-store" in argv
+
+
+def _split_runs(serial_e_tests, serial_not_e_tests):
+    runs = {
+        r["run_id"]: r
+        for r in [
+            _run("whole", "-n 2 --dist loadfile", 3600.0, 1),
+            _run("e", "-m track_d", 1800.0, 2),
+            _run("note", "-m not (track_d)", 2700.0, 3),
+            _run("other", "-m m02", 60.0, 4),  # a serial run of another part: never summed
+        ]
+    }
+    nodeids = {"whole": {"d1", "d2", "a1"}, "e": set(serial_e_tests), "note": set(serial_not_e_tests), "other": {"a1"}}
+    return "\n".join(_serial_vs_parallel(runs, nodeids))
+
+
+def test_a_serial_run_in_two_parts_pairs_with_the_whole_parallel_run():
+    text = _split_runs({"d1", "d2"}, {"a1"})
+    row = (
+        "| cpu | `hypotheses --lab-profile cpu` | 1 h 15 min (`-m track_d` 30 min + `-m not (track_d)` 45 min) "
+        "| 2 | 1 h 00 min | 1.25x |"
+    )
+    assert row in text
+
+
+@pytest.mark.parametrize(
+    "e_tests, not_e_tests",
+    [({"d1", "d2"}, {"a1", "d2"}), ({"d1"}, {"a1"}), ({"d1", "d2"}, set())],
+    ids=["a test ran twice", "a test is missing", "a part recorded nothing"],
+)
+def test_parts_that_did_not_run_exactly_the_same_tests_are_not_summed(e_tests, not_e_tests):
+    text = _split_runs(e_tests, not_e_tests)
+    assert "No selection has run both serially and with several workers yet." in text

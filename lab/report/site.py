@@ -120,6 +120,12 @@ class _Reader:
             out[row["nodeid"]][row["profile"]] = self.result(dict(row))
         return out
 
+    def nodeids_by_run(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = defaultdict(set)
+        for row in self.store.query("SELECT DISTINCT run_id, nodeid FROM results"):
+            out[row["run_id"]].add(row["nodeid"])
+        return out
+
     def result(self, row: dict) -> Result:
         rid = row["result_id"]
         q = self.store.query
@@ -656,13 +662,56 @@ def run_selection(argv: str) -> str:
     return " ".join(out)
 
 
-def _serial_vs_parallel(runs: dict) -> list[str]:
+def _parts_of(selection: str, serial: dict[str, dict]) -> tuple[dict, dict] | None:
+    """The newest pair of serial runs that split `selection` by one marker expression and
+    its negation (`SEL -m E` and `SEL -m not (E)`): together they ran the selection serially,
+    for a machine or a session too short to run it in one go. {selection: run} in."""
+    prefix = f"{selection} -m "
+    best = None
+    for sel, run in serial.items():
+        expr = sel[len(prefix) :] if sel.startswith(prefix) else None
+        other = serial.get(f"{prefix}not ({expr})") if expr else None
+        if other is not None and (best is None or max(run["started_at"], other["started_at"]) > best[2]):
+            best = (run, other, max(run["started_at"], other["started_at"]))
+    return best[:2] if best else None
+
+
+def _serial_vs_parallel(runs: dict, nodeids: dict[str, set[str]] | None = None) -> list[str]:
+    """`nodeids` ({run id: the tests it recorded}) lets a selection's serial time be the sum
+    of two runs that split it (see `_parts_of`), shown only when the two ran exactly the
+    tests of the parallel run, none twice."""
     groups: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for r in sorted(runs.values(), key=lambda r: r["started_at"]):
         workers = run_workers(r.get("argv") or "")
         if r.get("status") == "complete" and r.get("wall_time_s") and workers:
             groups[(r["profile"], run_selection(r["argv"]))][workers] = r  # the newest run per worker count
-    pairs = [(key, by_n) for key, by_n in sorted(groups.items()) if 1 in by_n and len(by_n) > 1]
+    rows = []
+    for (profile, selection), by_n in sorted(groups.items()):
+        parallel = [(n, by_n[n]) for n in sorted(by_n) if n > 1]
+        if 1 in by_n:
+            serial = by_n[1]
+            rows += [
+                (profile, selection, serial["wall_time_s"], _fmt_duration(serial["wall_time_s"]), n, r)
+                for n, r in parallel
+            ]
+            continue
+        serial_runs = {sel: g[1] for (p, sel), g in groups.items() if p == profile and 1 in g}
+        parts = _parts_of(selection, serial_runs) if nodeids is not None else None
+        if not parts:
+            continue
+        a, b = (nodeids.get(r["run_id"], set()) for r in parts)
+        wall = parts[0]["wall_time_s"] + parts[1]["wall_time_s"]
+        cell = (
+            f"{_fmt_duration(wall)} ("
+            + " + ".join(
+                f"`{html.escape(run_selection(r['argv'])[len(selection) + 1 :])}` {_fmt_duration(r['wall_time_s'])}"
+                for r in parts
+            )
+            + ")"
+        )
+        for n, r in parallel:
+            if a and b and not a & b and a | b == nodeids.get(r["run_id"], set()):
+                rows.append((profile, selection, wall, cell, n, r))
     lines = [
         "",
         "## Serial vs all cores",
@@ -670,24 +719,24 @@ def _serial_vs_parallel(runs: dict) -> list[str]:
         "The same selection on the same profile, run serially (`--workers 1`) and with more workers "
         "(`lab run`'s default: every core the profile's memory allows). Compare only runs that started "
         "from the same training-cache state: the reference pairs below each started from an empty "
-        "cache (`LAB_CACHE` set to a fresh folder), so both sides trained every model they use.",
+        "cache (`LAB_CACHE` set to a fresh folder), so both sides trained every model they use. "
+        "A serial time given as a sum ran in two parts, `-m E` and `-m not (E)`, each from an empty "
+        "cache, that together ran exactly the tests of the parallel run; E splits the tests so that "
+        "no trained model is used on both sides (`docs/guide/cluster.md`).",
         "",
     ]
-    if not pairs:
+    if not rows:
         return lines + ["No selection has run both serially and with several workers yet.", ""]
     lines += ["| profile | selection | serial | workers | all cores | speed-up |", "|---|---|---|---|---|---|"]
-    for (profile, selection), by_n in pairs:
-        serial = by_n[1]
-        for n in sorted(k for k in by_n if k > 1):
-            r = by_n[n]
-            lines.append(
-                f"| {profile} | `{html.escape(selection)}` | {_fmt_duration(serial['wall_time_s'])} | {n} | "
-                f"{_fmt_duration(r['wall_time_s'])} | {serial['wall_time_s'] / r['wall_time_s']:.2f}x |"
-            )
+    for profile, selection, wall, cell, n, r in rows:
+        lines.append(
+            f"| {profile} | `{html.escape(selection)}` | {cell} | {n} | "
+            f"{_fmt_duration(r['wall_time_s'])} | {wall / r['wall_time_s']:.2f}x |"
+        )
     return lines + [""]
 
 
-def _runs_page(runs: dict, latest: dict[str, dict[str, Result]]) -> str:
+def _runs_page(runs: dict, latest: dict[str, dict[str, Result]], nodeids: dict[str, set[str]] | None = None) -> str:
     behind: dict[str, int] = defaultdict(int)  # run id -> results shown on the pages
     for by_profile in latest.values():
         for res in by_profile.values():
@@ -711,7 +760,7 @@ def _runs_page(runs: dict, latest: dict[str, dict[str, Result]]) -> str:
             f"{behind[r['run_id']]} | {_fmt_duration(r.get('wall_time_s'))} | {html.escape(r.get('device') or '-')} | "
             f"`{html.escape((r.get('argv') or '')[-80:])}` |"
         )
-    lines += _serial_vs_parallel(runs)
+    lines += _serial_vs_parallel(runs, nodeids)
     for r in shown:
         pk = _packages(r)
         if pk:
@@ -874,7 +923,7 @@ def write_pages(
                 (tmp / rel).write_text(text)
             (tmp / "hypotheses").mkdir(exist_ok=True)
             (tmp / "index.md").write_text(_home(latest, profiles, reader.runs) + _retired_section(gone, retired))
-            (tmp / "runs.md").write_text(_runs_page(reader.runs, latest))
+            (tmp / "runs.md").write_text(_runs_page(reader.runs, latest, reader.nodeids_by_run()))
             from lab.report.retrospective import retrospective_pages  # it imports this module
 
             for rel, text in retrospective_pages(latest, reader.runs).items():
