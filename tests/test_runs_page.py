@@ -31,7 +31,7 @@ def test_run_selection_drops_only_the_worker_options():
     assert run_selection(f"{PYTEST} hypotheses -m m05") != a
 
 
-def _run(run_id, argv, wall, started, profile="cpu", status="complete"):
+def _run(run_id, argv, wall, started, profile="cpu", status="complete", cache="empty"):
     return {
         "run_id": run_id,
         "argv": f"{PYTEST} hypotheses --lab-profile {profile} {argv}",
@@ -39,6 +39,7 @@ def _run(run_id, argv, wall, started, profile="cpu", status="complete"):
         "started_at": started,
         "profile": profile,
         "status": status,
+        "cache_state": cache,
     }
 
 
@@ -50,6 +51,8 @@ def test_the_table_pairs_a_serial_run_with_its_parallel_twin():
             _run("b", "-m m02 -n 2 --dist loadfile", 400.0, 2),
             _run("c", "-m m05 -n 2 --dist loadfile", 100.0, 3),  # never run serially: no row
             _run("d", "-m m02 -n 2 --dist loadfile", 10.0, 0, status="interrupted"),
+            _run("e", "-m m02 -n 2 --dist loadfile", 20.0, 5, cache="warm"),  # reused the models: no row
+            _run("f", "-m m02", 30.0, 6, cache=None),  # recorded before the store knew the cache: no row
         ]
     }
     text = "\n".join(_serial_vs_parallel(runs))
@@ -115,3 +118,32 @@ def test_a_serial_run_in_two_parts_pairs_with_the_whole_parallel_run():
 def test_parts_that_did_not_run_exactly_the_same_tests_are_not_summed(e_tests, not_e_tests):
     text = _split_runs(e_tests, not_e_tests)
     assert "No selection has run both serially and with several workers yet." in text
+
+
+def test_a_run_records_the_training_cache_it_began_on(pytester, tmp_path, monkeypatch):
+    """Empty until a trained model is in runs/, finetune/ or windtunnel/; under xdist the
+    controller's view, taken before any test ran."""
+    from lab.report.provenance import training_cache_state
+
+    monkeypatch.setenv("LAB_CACHE", str(tmp_path / "cache"))
+    assert training_cache_state() == "empty"
+    (tmp_path / "cache" / "tokens" / "x").mkdir(parents=True)  # data caches do not count
+    assert training_cache_state() == "empty"
+    pytester.makeconftest('pytest_plugins = ["lab.report.plugin"]')
+    pytester.makepyfile(
+        test_one="""
+        import os, pathlib
+
+        def test_trains(outcome):
+            pathlib.Path(os.environ["LAB_CACHE"], "runs", "k").mkdir(parents=True, exist_ok=True)
+            outcome.record("x", 1.0, seed=0)
+        """
+    )
+    store = pytester.path / "s.sqlite"
+    for _ in range(2):
+        result = pytester.runpytest_subprocess("--lab-profile", "smoke", f"--lab-store={store}", "-n", "2")
+        assert result.ret == 0, result.stdout.str()
+    import sqlite3
+
+    states = [r[0] for r in sqlite3.connect(store).execute("SELECT cache_state FROM runs ORDER BY started_at")]
+    assert states == ["empty", "warm"]

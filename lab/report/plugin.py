@@ -58,6 +58,7 @@ class LabState:
     pid: int = 0  # the process that owns the run (xdist: the controller), for interrupted-run detection
     pid_started: float | None = None
     argv: str = ""  # the command that started the run (xdist: the controller's, not a worker's)
+    cache_state: str | None = None  # the training cache when the run began (lab.paths.training_cache_state)
     store: Store | None = None
     run_started: bool = False
     summaries: list = field(default_factory=list)
@@ -105,6 +106,7 @@ class LabState:
             pid_started=self.pid_started,
             heartbeat_at=time.time(),
             argv=self.argv or provenance.argv(),
+            cache_state=self.cache_state,
         )
 
 
@@ -212,6 +214,7 @@ def pytest_configure(config):
         pid=workerinput["lab_pid"] if workerinput else os.getpid(),
         pid_started=workerinput["lab_pid_started"] if workerinput else process_start_time(os.getpid()),
         argv=workerinput.get("lab_argv", "") if workerinput else provenance.argv(),
+        cache_state=workerinput.get("lab_cache_state") if workerinput else provenance.training_cache_state(),
     )
     config.stash[_STATE] = state
     if records and workerinput is None:
@@ -235,6 +238,7 @@ class _XdistHooks:
         node.workerinput["lab_pid"] = self.state.pid
         node.workerinput["lab_pid_started"] = self.state.pid_started
         node.workerinput["lab_argv"] = self.state.argv
+        node.workerinput["lab_cache_state"] = self.state.cache_state
 
 
 def _is_hypothesis(item) -> bool:

@@ -173,3 +173,19 @@ class PeakMemory:
 
 def argv() -> str:
     return " ".join(sys.argv)
+
+
+TRAINING_CACHES = ("runs", "finetune", "windtunnel")  # where lab.paths keeps trained models
+
+
+def training_cache_state() -> str:
+    """ "empty" when the cache holds no trained model yet (nothing under runs/, finetune/
+    or windtunnel/), else "warm". A run that begins on an empty cache trains every model
+    it uses, so only such runs are compared for wall time. (Here, not in lab.paths: that
+    module's source is part of the fingerprint of every hypothesis that caches a model.)"""
+    root = Path(os.environ.get("LAB_CACHE") or Path.home() / ".cache" / "llm-lab")  # as lab.paths.cache_dir
+    for sub in TRAINING_CACHES:
+        folder = root / sub
+        if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()):
+            return "warm"
+    return "empty"

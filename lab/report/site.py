@@ -683,7 +683,8 @@ def _serial_vs_parallel(runs: dict, nodeids: dict[str, set[str]] | None = None) 
     groups: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for r in sorted(runs.values(), key=lambda r: r["started_at"]):
         workers = run_workers(r.get("argv") or "")
-        if r.get("status") == "complete" and r.get("wall_time_s") and workers:
+        # only runs that began on an empty training cache: each trained every model it used
+        if r.get("status") == "complete" and r.get("wall_time_s") and workers and r.get("cache_state") == "empty":
             groups[(r["profile"], run_selection(r["argv"]))][workers] = r  # the newest run per worker count
     rows = []
     for (profile, selection), by_n in sorted(groups.items()):
@@ -717,9 +718,8 @@ def _serial_vs_parallel(runs: dict, nodeids: dict[str, set[str]] | None = None) 
         "## Serial vs all cores",
         "",
         "The same selection on the same profile, run serially (`--workers 1`) and with more workers "
-        "(`lab run`'s default: every core the profile's memory allows). Compare only runs that started "
-        "from the same training-cache state: the reference pairs below each started from an empty "
-        "cache (`LAB_CACHE` set to a fresh folder), so both sides trained every model they use. "
+        "(`lab run`'s default: every core the profile's memory allows), each begun on an empty training "
+        "cache (the store records the cache a run began on), so both sides trained every model they use. "
         "A serial time given as a sum ran in two parts, `-m E` and `-m not (E)`, each from an empty "
         "cache, that together ran exactly the tests of the parallel run; E splits the tests so that "
         "no trained model is used on both sides (`docs/guide/cluster.md`).",

@@ -134,6 +134,7 @@ _ADDED_COLUMNS = (
     ("runs", "pid", "INTEGER"),  # the pytest process (xdist: the controller) that owns the run
     ("runs", "pid_started", "REAL"),  # its start time, so a reused pid is not taken for it
     ("runs", "heartbeat_at", "REAL"),  # last sign of life, renewed every HEARTBEAT_S while it runs
+    ("runs", "cache_state", "TEXT"),  # empty | warm: the training cache when the run began
 )
 
 # A running run renews its heartbeat this often; another host's run whose heartbeat is
