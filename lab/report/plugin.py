@@ -58,7 +58,7 @@ class LabState:
     pid: int = 0  # the process that owns the run (xdist: the controller), for interrupted-run detection
     pid_started: float | None = None
     argv: str = ""  # the command that started the run (xdist: the controller's, not a worker's)
-    cache_state: str | None = None  # the training cache when the run began (lab.paths.training_cache_state)
+    cache_state: str | None = None  # the training cache when the run began (provenance.training_cache_state)
     store: Store | None = None
     run_started: bool = False
     summaries: list = field(default_factory=list)
