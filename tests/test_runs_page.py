@@ -3,7 +3,7 @@ under pytest-xdist (the controller's, not a worker's `-c`)."""
 
 import pytest
 
-from lab.report.site import _serial_vs_parallel, run_selection, run_workers
+from lab.report.site import _serial_vs_parallel, run_command, run_selection, run_workers
 
 PYTEST = "/v/lib/python3.11/site-packages/pytest/__main__.py"
 
@@ -147,3 +147,19 @@ def test_a_run_records_the_training_cache_it_began_on(pytester, tmp_path, monkey
 
     states = [r[0] for r in sqlite3.connect(store).execute("SELECT cache_state FROM runs ORDER BY started_at")]
     assert states == ["empty", "warm"]
+
+
+@pytest.mark.parametrize(
+    "argv, command",
+    [
+        (
+            f"{PYTEST} hypotheses --lab-profile cpu -m track_d or m02 -n 2",
+            "pytest hypotheses --lab-profile cpu -m track_d or m02 -n 2",
+        ),
+        ("/usr/bin/pytest tests -q", "pytest tests -q"),
+        ("-c", "-"),  # an xdist worker's own argv (older runs)
+        ("", "-"),
+    ],
+)
+def test_run_command_shows_the_whole_selection(argv, command):
+    assert run_command(argv) == command

@@ -662,6 +662,23 @@ def run_selection(argv: str) -> str:
     return " ".join(out)
 
 
+def run_command(argv: str) -> str:
+    """A run's command as a person would type it: `pytest` and its arguments, in full (the
+    interpreter's path says nothing; cutting the end off the left hid the selection)."""
+    parts = (argv or "").split()
+    if not parts or parts == ["-c"]:
+        return "-"
+    for i, a in enumerate(parts):
+        if a.endswith(("pytest/__main__.py", "/pytest")) or a == "pytest":
+            return " ".join(["pytest", *parts[i + 1 :]])
+    return " ".join(parts)
+
+
+def _command_cell(run: dict) -> str:
+    # Python-Markdown's tables never split a row at a pipe inside backticks
+    return "`" + html.escape(run_command(run.get("argv") or "")) + "`"
+
+
 def _parts_of(selection: str, serial: dict[str, dict]) -> tuple[dict, dict] | None:
     """The newest pair of serial runs that split `selection` by one marker expression and
     its negation (`SEL -m E` and `SEL -m not (E)`): together they ran the selection serially,
@@ -758,7 +775,7 @@ def _runs_page(runs: dict, latest: dict[str, dict[str, Result]], nodeids: dict[s
         lines.append(
             f"| {_fmt_time(r['started_at'])} | {r['profile']} | {r['status']} | {_commit_label(r)} | "
             f"{behind[r['run_id']]} | {_fmt_duration(r.get('wall_time_s'))} | {html.escape(r.get('device') or '-')} | "
-            f"`{html.escape((r.get('argv') or '')[-80:])}` |"
+            f"{_command_cell(r)} |"
         )
     lines += _serial_vs_parallel(runs, nodeids)
     for r in shown:
@@ -785,7 +802,7 @@ def _runs_page(runs: dict, latest: dict[str, dict[str, Result]], nodeids: dict[s
             f"| {_fmt_time(r['started_at'])} | {r['profile']} | {r['status']} | {_commit_label(r)} | "
             f"{', '.join(map(str, json.loads(r.get('seeds') or '[]')))} | {_fmt_duration(r.get('wall_time_s'))} | "
             f"{_fmt_bytes(r.get('peak_memory_bytes'))} | {html.escape(diff) if pk else '-'} | "
-            f"`{html.escape((r.get('argv') or '')[-80:])}` |"
+            f"{_command_cell(r)} |"
         )
     return "\n".join(lines) + "\n"
 
