@@ -1,6 +1,8 @@
 """The Runs page's serial-vs-all-cores table (issue 20) and the command a run records
 under pytest-xdist (the controller's, not a worker's `-c`)."""
 
+import sqlite3
+
 import pytest
 
 from lab.report.site import _serial_vs_parallel, run_command, run_selection, run_workers
@@ -143,8 +145,6 @@ def test_a_run_records_the_training_cache_it_began_on(pytester, tmp_path, monkey
     for _ in range(2):
         result = pytester.runpytest_subprocess("--lab-profile", "smoke", f"--lab-store={store}", "-n", "2")
         assert result.ret == 0, result.stdout.str()
-    import sqlite3
-
     states = [r[0] for r in sqlite3.connect(store).execute("SELECT cache_state FROM runs ORDER BY started_at")]
     assert states == ["empty", "warm"]
 

@@ -648,16 +648,26 @@ def run_workers(argv: str) -> int | None:
     return workers_of(parts)
 
 
+def _pytest_entry(parts: list[str]) -> int | None:
+    """Where pytest's own path is in a recorded command (sys.argv of the pytest process)."""
+    for i, a in enumerate(parts):
+        if a.endswith(("pytest/__main__.py", "/pytest")) or a == "pytest":
+            return i
+    return None
+
+
 def run_selection(argv: str) -> str:
     """A run's command without the interpreter, pytest's path and the worker options: two
     runs with the same selection ran the same tests."""
-    parts, out, skip = (argv or "").split(), [], False
-    for a in parts:
+    parts = (argv or "").split()
+    entry = _pytest_entry(parts)
+    out, skip = [], False
+    for a in parts if entry is None else parts[entry + 1 :]:
         if skip:
             skip = False
         elif a in ("-n", "--numprocesses", "--dist"):
             skip = True
-        elif not (a.startswith(("-n", "--numprocesses=", "--dist=")) or a.endswith("pytest/__main__.py")):
+        elif not a.startswith(("-n", "--numprocesses=", "--dist=")):
             out.append(a)
     return " ".join(out)
 
@@ -668,10 +678,8 @@ def run_command(argv: str) -> str:
     parts = (argv or "").split()
     if not parts or parts == ["-c"]:
         return "-"
-    for i, a in enumerate(parts):
-        if a.endswith(("pytest/__main__.py", "/pytest")) or a == "pytest":
-            return " ".join(["pytest", *parts[i + 1 :]])
-    return " ".join(parts)
+    entry = _pytest_entry(parts)
+    return " ".join(parts if entry is None else ["pytest", *parts[entry + 1 :]])
 
 
 def _command_cell(run: dict) -> str:
