@@ -746,8 +746,9 @@ def _serial_vs_parallel(runs: dict, nodeids: dict[str, set[str]] | None = None) 
         "(`lab run`'s default: every core the profile's memory allows), each begun on an empty training "
         "cache (the store records the cache a run began on), so both sides trained every model they use. "
         "A serial time given as a sum ran in two parts, `-m E` and `-m not (E)`, each from an empty "
-        "cache, that together ran exactly the tests of the parallel run; E splits the tests so that "
-        "no trained model is used on both sides (`docs/guide/cluster.md`).",
+        "cache, that together ran exactly the tests of the parallel run. E is meant to split the tests so "
+        "that no trained model is used on both sides; a model trained on both sides is counted twice "
+        "(`docs/guide/cluster.md` gives the split, the check, and the overlap of the measured pair).",
         "",
     ]
     if not rows:
